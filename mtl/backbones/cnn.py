@@ -1,0 +1,84 @@
+"""Small convolutional backbone for images of any size."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtl.backbones.base import Backbone
+
+
+class CNN(Backbone):
+    """``Conv3x3 -> BatchNorm -> ReLU (-> MaxPool2)`` blocks, then adaptive average pooling.
+
+    Each block is one stage. Inputs may be ``[B, H, W]`` (one channel) or ``[B, C, H, W]``; pooling
+    is skipped once a feature map is smaller than 2x2, so small images (8x8 digits) work.
+
+    Args:
+        in_channels: channels of the input images.
+        channels: output channels of each block; ``out_features`` is the last one.
+        pool_every: max-pool after every ``pool_every`` blocks (0: never).
+        pool_size: output grid of the final adaptive average pooling, ``(rows, cols)`` or an int;
+            1 is global average pooling. A grid keeps coarse position (e.g. ``[1, 2]``: left and
+            right halves), which tasks about where things are need.
+        dropout: dropout on the pooled features.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: Sequence[int] = (32, 64),
+        pool_every: int = 1,
+        pool_size: int | Sequence[int] = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("backbone.channels must list at least one block width.")
+        self.in_channels = int(in_channels)
+        blocks = []
+        width = self.in_channels
+        for i, c in enumerate(channels):
+            pool = pool_every > 0 and (i + 1) % pool_every == 0
+            blocks.append(_ConvBlock(width, int(c), pool))
+            width = int(c)
+        self.stages = nn.ModuleList(blocks)
+        self.stage_channels = [int(c) for c in channels]
+        grid = (int(pool_size), int(pool_size)) if isinstance(pool_size, int) else tuple(int(p) for p in pool_size)
+        if len(grid) != 2 or min(grid) < 1:
+            raise ValueError(f"backbone.pool_size must be a positive int or [rows, cols], got {pool_size}.")
+        self.pool_size = grid
+        self.out_features = width * grid[0] * grid[1]
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def prepare(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"CNN backbone expects images [B, {self.in_channels}, H, W] (or [B, H, W] for one "
+                f"channel), got shape {tuple(x.shape)}. Set backbone.in_channels to match the data."
+            )
+        return x
+
+    def pool(self, h: Tensor) -> Tensor:
+        if self.pool_size == (1, 1):
+            return self.dropout(h.mean(dim=(2, 3)))
+        return self.dropout(torch.flatten(nn.functional.adaptive_avg_pool2d(h, self.pool_size), 1))
+
+
+class _ConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, pool: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU(inplace=True)
+        self.pool = pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.bn(self.conv(x)))
+        if self.pool and x.shape[-1] >= 2 and x.shape[-2] >= 2:
+            x = nn.functional.max_pool2d(x, 2)
+        return x

@@ -1,0 +1,95 @@
+"""A stage of a training schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+FREEZE = ("none", "backbone", "probe_then_full")
+#: ``frozen_epochs`` used to mean "the whole stage".
+ALWAYS = 10**9
+
+
+@dataclass
+class Stage:
+    """One stage: which tasks, how long, where weights come from, what is frozen.
+
+    Args:
+        name: the stage's key in ``schedule.stages``; also its directory name.
+        tasks: target tasks (None: every task of the data).
+        source_tasks: auxiliary source tasks trained alongside (combined schedule); the loss is
+            ``alpha * mean(L_source) + (1 - alpha) * mean(L_target)``.
+        alpha: weight of the source tasks.
+        max_epochs: epochs of this stage (None: ``trainer.max_epochs``).
+        lr: learning rate (None: the optimizer's).
+        init: ``fresh`` (new weights), ``previous`` (the previous stage's best checkpoint) or a
+            path to a Lightning checkpoint or ``state_dict`` file.
+        freeze: ``none``, ``backbone`` (frozen throughout: a linear probe of the heads) or
+            ``probe_then_full`` (frozen for ``probe_epochs`` epochs, then everything trains).
+        probe_epochs: epochs with the backbone frozen under ``probe_then_full``.
+        backbone_lr_scale: multiplies the backbone's learning rate when it trains.
+        monitor: the logged metric that picks the best checkpoint; ``mode`` is ``min`` or ``max``.
+        balancer: this stage's balancer config (None: the run's ``balancer``).
+    """
+
+    name: str
+    tasks: list[str] | None = None
+    source_tasks: list[str] = field(default_factory=list)
+    alpha: float = 0.5
+    max_epochs: int | None = None
+    lr: float | None = None
+    init: str = "fresh"
+    freeze: str = "none"
+    probe_epochs: int = 1
+    backbone_lr_scale: float = 1.0
+    monitor: str = "val/loss"
+    mode: str = "min"
+    balancer: Any = None
+
+    def __post_init__(self) -> None:
+        where = f"schedule.stages.{self.name}"
+        if self.tasks is not None and len(self.tasks) == 0:
+            raise ValueError(f"{where}.tasks is empty; name at least one task (or null for all).")
+        if self.freeze not in FREEZE:
+            raise ValueError(f"{where}.freeze must be one of {FREEZE}, got '{self.freeze}'.")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"{where}.mode must be 'min' or 'max', got '{self.mode}'.")
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"{where}.alpha must be in [0, 1], got {self.alpha}.")
+        if self.max_epochs is not None and int(self.max_epochs) < 1:
+            raise ValueError(f"{where}.max_epochs must be >= 1, got {self.max_epochs}.")
+        overlap = set(self.tasks or []) & set(self.source_tasks)
+        if overlap:
+            raise ValueError(f"{where}: task(s) {sorted(overlap)} are both targets and sources.")
+        self.tasks = list(self.tasks) if self.tasks is not None else None
+        self.source_tasks = list(self.source_tasks or [])
+
+    @property
+    def frozen_epochs(self) -> int:
+        """Number of initial epochs with the backbone frozen."""
+        if self.freeze == "backbone":
+            return ALWAYS
+        if self.freeze == "probe_then_full":
+            return int(self.probe_epochs)
+        return 0
+
+    @classmethod
+    def from_dict(cls, name: str, spec: Mapping[str, Any] | None) -> "Stage":
+        spec = dict(spec or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(
+                f"schedule.stages.{name}: unknown key(s) {unknown}; a stage takes {sorted(known - {'name'})}."
+            )
+        spec.pop("name", None)
+        return cls(name=name, **spec)
+
+
+def stages_from_dict(stages: Mapping[str, Mapping[str, Any]] | None) -> list[Stage]:
+    """Stages in order from ``{name: spec}`` (a spec of None drops that stage)."""
+    out = [Stage.from_dict(str(name), spec) for name, spec in (stages or {}).items() if spec is not None]
+    if not out:
+        raise ValueError("schedule.stages is empty; a schedule needs at least one stage.")
+    return out

@@ -1,0 +1,102 @@
+"""``mtl-train``: compose the config, run the schedule, print and return the results.
+
+Usage: ``mtl-train [group=option ...] [key=value ...]``, ``mtl-train -m key=a,b``,
+``mtl-train --cfg job``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mtl.report import print_results
+from mtl.schedule import Builders, ScheduleRunner, default_module, lookup_metric, stages_from_dict
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf") if (Path(__file__).resolve().parent / "conf").is_dir() \
+    else str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def input_kwargs(backbone_cfg: DictConfig, datamodule: Any) -> dict[str, int]:
+    """Fill a backbone's ``in_features`` / ``in_channels`` left null in config from the data."""
+    shape = datamodule.input_shape
+    out = {}
+    if "in_features" in backbone_cfg and backbone_cfg.in_features is None:
+        if any(d < 0 for d in shape):
+            raise ValueError(
+                f"backbone.in_features cannot be inferred: the datasets' input shapes differ ({shape}, "
+                f"-1 where they differ). Use a backbone that pools, such as backbone=cnn."
+            )
+        out["in_features"] = int(math.prod(shape))
+    if "in_channels" in backbone_cfg and backbone_cfg.in_channels is None:
+        out["in_channels"] = int(shape[0]) if len(shape) == 3 else 1
+    return out
+
+
+def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
+    """Everything a run needs, from a composed config (used by ``mtl-train`` and the tests)."""
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    backbone_inputs = input_kwargs(cfg.backbone, datamodule)
+
+    def make_model(tasks):
+        backbone = instantiate(cfg.backbone, **backbone_inputs)
+        sharing = instantiate(cfg.sharing, _convert_="all") if cfg.get("sharing") else None
+        return instantiate(cfg.model, backbone=backbone, tasks=tasks, sharing=sharing, _convert_="all")
+
+    optimizer = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+
+    def make_module(model, stage):
+        return default_module(model, stage, optimizer=optimizer, scheduler=scheduler)
+
+    def make_trainer(stage, stage_dir, callbacks, max_epochs):
+        loggers = [
+            instantiate(lg, save_dir=str(stage_dir)) for lg in (cfg.get("logger") or {}).values() if lg
+        ]
+        extra = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb]
+        overrides = {"max_epochs": max_epochs} if max_epochs is not None else {}
+        return instantiate(
+            cfg.trainer,
+            default_root_dir=str(stage_dir),
+            callbacks=callbacks + extra,
+            logger=loggers or False,
+            **overrides,
+        )
+
+    stages = stages_from_dict(OmegaConf.to_container(cfg.schedule.stages, resolve=True))
+    return ScheduleRunner(
+        stages,
+        datamodule,
+        Builders(model=make_model, trainer=make_trainer, module=make_module),
+        run_dir=run_dir,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> tuple[float | None, dict]:
+    """Run the configured schedule; returns (the optimized metric or None, results)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    run_dir = run_dir or cfg.paths.output_dir
+    results = build_runner(cfg, run_dir).run()
+    print_results(results)
+    print(f"Results: {Path(run_dir) / 'results.json'}")
+    metric = lookup_metric(results, cfg.optimized_metric) if cfg.get("optimized_metric") else None
+    return metric, results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    metric, _ = train(cfg, run_dir)
+    return metric
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Loading pretrained weights into a MultiTaskModel, with a report of what matched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+HEAD_PREFIX = "heads."
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_weights` did.
+
+    Attributes:
+        loaded: keys copied into the model.
+        missing: model keys left as initialised (the heads of new tasks).
+        unexpected: keys of the file the model has no use for (e.g. heads of source tasks).
+        mismatched: keys present in both but with different shapes (heads only; a shared one is
+            an error).
+    """
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        def short(keys: list[str]) -> str:
+            heads = sorted({k.split(".")[1] for k in keys if k.startswith(HEAD_PREFIX)})
+            other = [k for k in keys if not k.startswith(HEAD_PREFIX)]
+            parts = [f"heads of {heads}"] if heads else []
+            if other:
+                parts.append(", ".join(other[:5]) + (" ..." if len(other) > 5 else ""))
+            return "; ".join(parts) or "none"
+
+        return (
+            f"Loaded {len(self.loaded)} tensors from {self.source}. "
+            f"Missing (kept fresh): {short(self.missing)}. Unexpected (ignored): {short(self.unexpected)}."
+            + (f" Shape mismatch (kept fresh): {short(self.mismatched)}." if self.mismatched else "")
+        )
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The model weights in a Lightning checkpoint or a plain ``state_dict`` file.
+
+    Lightning checkpoints hold ``state_dict`` with keys prefixed ``model.`` (the attribute of
+    :class:`~mtl.module.MultiTaskModule`); the prefix is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Checkpoint '{path}' does not exist. Set the stage's init to 'fresh', 'previous' or an "
+            f"existing .ckpt / state_dict file."
+        )
+    obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"'{path}' holds neither a Lightning checkpoint nor a state_dict of tensors.")
+    if state and all(k.startswith("model.") for k in state):
+        state = {k[len("model.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
+    """Copy the weights of ``path`` into ``model``: all shared weights, and heads where they fit.
+
+    Every non-head parameter and buffer of the model must be in the file with the same shape;
+    otherwise a ``ValueError`` lists the missing, unexpected and mismatched keys (the backbone does
+    not fit). Heads are copied for tasks present in both; other heads stay as initialised.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    report = LoadReport(source=str(path))
+    for key, value in own.items():
+        if key not in state:
+            report.missing.append(key)
+        elif state[key].shape != value.shape:
+            report.mismatched.append(key)
+        else:
+            report.loaded.append(key)
+    report.unexpected = [k for k in state if k not in own]
+    bad_missing = [k for k in report.missing if not k.startswith(HEAD_PREFIX)]
+    bad_shape = [k for k in report.mismatched if not k.startswith(HEAD_PREFIX)]
+    if bad_missing or bad_shape:
+        shared_unexpected = [k for k in report.unexpected if not k.startswith(HEAD_PREFIX)]
+        lines = [f"The shared weights in '{path}' do not fit this model's backbone/sharing."]
+        if bad_missing:
+            lines.append(f"  missing keys ({len(bad_missing)}): {bad_missing[:20]}")
+        if shared_unexpected:
+            lines.append(f"  unexpected keys ({len(shared_unexpected)}): {shared_unexpected[:20]}")
+        if bad_shape:
+            shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in bad_shape[:10]]
+            lines.append(f"  shape mismatches: {shapes}")
+        lines.append("  Use the same backbone and sharing config as the run that wrote the file.")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    return report

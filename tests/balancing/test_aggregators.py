@@ -1,0 +1,424 @@
+"""Gradient aggregators and their solvers, on Jacobians small enough to check by hand."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mtl.balancing.aggregators as aggregators
+from mtl.balancing.aggregator import GradientAggregator
+from mtl.balancing.aggregators import (
+    DBMTL,
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    ConFIG,
+    DualProj,
+    FairGrad,
+    GradDrop,
+    GradVac,
+    NashMTL,
+    PCGrad,
+    UPGrad,
+)
+from mtl.balancing.aggregators.cagrad import cagrad_dual
+from mtl.balancing.solvers import (
+    dual_cone_weights,
+    min_norm_simplex,
+    nonnegative_qp,
+    power_balance,
+    simplex_qp,
+)
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "balancer"
+ALL = [getattr(aggregators, name) for name in aggregators.__all__]
+SEEDED = {PCGrad, GradVac, GradDrop}
+
+
+def make(cls: type[GradientAggregator], T: int) -> GradientAggregator:
+    return cls(T, seed=0) if cls in SEEDED else cls(T)
+
+
+def rand_J(T: int, P: int, seed: int) -> torch.Tensor:
+    return torch.randn(T, P, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def simplex_grid(T: int, n: int) -> torch.Tensor:
+    """All points of the simplex with coordinates in multiples of 1/n, ``[K, T]``."""
+    pts = [c for c in itertools.product(range(n + 1), repeat=T - 1) if sum(c) <= n]
+    w = torch.tensor([[*c, n - sum(c)] for c in pts], dtype=torch.float64)
+    return w / n
+
+
+def t(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------- solvers
+
+
+@pytest.mark.parametrize("T", [2, 3])
+def test_min_norm_simplex_matches_brute_force(T: int) -> None:
+    for seed in range(5):
+        J = rand_J(T, 4, seed)
+        G = J @ J.T
+        w = min_norm_simplex(G)
+        assert torch.all(w >= 0) and w.sum() == pytest.approx(1.0)
+        grid = simplex_grid(T, 200)
+        best = torch.einsum("kt,ts,ks->k", grid, G, grid).min()
+        assert w @ G @ w <= best + 1e-9
+
+
+def test_simplex_qp_with_linear_term_matches_brute_force() -> None:
+    J = rand_J(3, 5, 1)
+    G = J @ J.T
+    q = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    w = simplex_qp(G, q)
+    grid = simplex_grid(3, 200)
+    values = 0.5 * torch.einsum("kt,ts,ks->k", grid, G, grid) + grid @ q
+    assert 0.5 * w @ G @ w + q @ w <= values.min() + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_nonnegative_qp_kkt(seed: int) -> None:
+    T = 2 + seed % 5
+    J = rand_J(T, 3, seed)  # P < T for some seeds: singular Gramians
+    G = J @ J.T
+    # q in the range of G (as in every use here), so the problem is bounded below.
+    q = J @ torch.randn(3, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
+    x = nonnegative_qp(G, q)
+    mult = G @ x + q
+    assert torch.all(x >= 0)
+    assert torch.all(mult >= -1e-8)  # dual feasibility
+    assert torch.all((x * mult).abs() <= 1e-8)  # complementary slackness
+
+
+def test_dual_cone_weights_project_onto_dual_cone() -> None:
+    # Rows (1, 0) and (-1, 1); the dual cone is {x1 >= 0, x2 >= x1}. Projections by hand:
+    # (1, 0) -> (1/2, 1/2) and (-1, 1) -> (0, 1), i.e. weights (1, 1/2) and (1, 1).
+    J = t([[1, 0], [-1, 1]])
+    V = dual_cone_weights(torch.eye(2, dtype=torch.float64), J @ J.T)
+    torch.testing.assert_close(V @ J, t([[0.5, 0.5], [0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0])
+def test_power_balance_solves_equation(p: float) -> None:
+    for seed in range(5):
+        J = rand_J(4, 10, seed) * 10.0 ** (seed - 2)
+        G = J @ J.T
+        w = power_balance(G, p)
+        assert torch.all(w > 0)
+        torch.testing.assert_close(G @ w, w.pow(-p), rtol=1e-7, atol=0.0)  # ridge 1e-10
+
+
+def test_cagrad_dual_matches_brute_force() -> None:
+    for seed in range(4):
+        J = rand_J(3, 4, seed)
+        G = J @ J.T
+        c = 0.4
+        b = torch.full((3,), 1 / 3, dtype=torch.float64)
+        r = c * math.sqrt(b @ G @ b)
+
+        def objective(W: torch.Tensor) -> torch.Tensor:
+            quad = torch.einsum("kt,ts,ks->k", W, G, W).clamp_min(0)
+            return W @ G @ b + r * quad.sqrt()
+
+        w = cagrad_dual(G, c)
+        assert objective(w[None])[0] <= objective(simplex_grid(3, 200)).min() + 1e-9
+
+
+# ------------------------------------------------------------------------------- every aggregator
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_shape_dtype_finite(cls: type[GradientAggregator], T: int) -> None:
+    losses = torch.rand(T, generator=torch.Generator().manual_seed(T)) + 0.5
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        agg = make(cls, T)
+        J = rand_J(T, 7, T).to(dtype)
+        g = agg(J, losses)
+        assert g.shape == (7,) and g.dtype == dtype
+        assert torch.isfinite(g).all()
+        if agg.last_weights is not None:
+            assert agg.last_weights.shape == (T,)
+            torch.testing.assert_close(
+                agg.last_weights @ J.float(), g.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-4
+            )
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_zero_and_duplicate_rows_are_finite(cls: type[GradientAggregator]) -> None:
+    losses = torch.ones(3)
+    for J in (torch.zeros(3, 4), t([[1, 2, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0]]).float()):
+        assert torch.isfinite(make(cls, 3)(J, losses)).all()
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_state_dict_round_trip(cls: type[GradientAggregator]) -> None:
+    T = 3
+    losses = torch.tensor([0.5, 1.0, 2.0])
+    a = make(cls, T)
+    for step in range(3):
+        a(rand_J(T, 6, step).float(), losses)
+    b = make(cls, T)
+    b.load_state_dict(a.state_dict())
+    J = rand_J(T, 6, 99).float()
+    torch.testing.assert_close(a(J, losses), b(J, losses))
+
+
+def test_wrong_shape_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="num_tasks=3"):
+        UPGrad(3)(torch.zeros(2, 4))
+
+
+def test_configs_match_constructors() -> None:
+    for cls in ALL:
+        matches = [
+            p for p in CONF.glob("*.yaml") if yaml.safe_load(p.read_text())["method"]["_target_"].endswith(
+                "." + cls.__name__
+            )
+        ]
+        assert len(matches) == 1, cls.__name__
+        cfg = yaml.safe_load(matches[0].read_text())
+        target = cfg["method"].pop("_target_")
+        assert target == f"mtl.balancing.{cls.__name__}"
+        assert cfg["space"] in ("params", "representation")
+        params = inspect.signature(cls).parameters
+        assert list(params)[0] == "num_tasks"
+        for key, value in cfg["method"].items():
+            assert key in params, (cls.__name__, key)
+            assert value == params[key].default, (cls.__name__, key)  # yaml states the defaults
+        module = importlib.import_module(cls.__module__)
+        assert module.__doc__ and cls.__doc__
+
+
+# ------------------------------------------------------------------------------------ per method
+
+
+def test_pcgrad_hand_case() -> None:
+    # g1 = (1, 0), g2 = (-1, 1): g1.g2 = -1 < 0.
+    # g1' = g1 - (-1)/|g2|^2 g2 = (1, 0) + (-1, 1)/2 = (1/2, 1/2)
+    # g2' = g2 - (-1)/|g1|^2 g1 = (-1, 1) + (1, 0) = (0, 1)
+    # sum = (1/2, 3/2) = 2 g1 + 3/2 g2.
+    J = t([[1, 0], [-1, 1]])
+    agg = PCGrad(2)
+    torch.testing.assert_close(agg(J), t([0.5, 1.5]))
+    torch.testing.assert_close(agg.last_weights, torch.tensor([2.0, 1.5]))
+    # Each projected gradient has a non-negative dot with the other row.
+    assert (t([0.5, 0.5]) @ J[1]).item() >= 0 and (t([0.0, 1.0]) @ J[0]).item() >= 0
+
+
+def test_pcgrad_without_conflict_is_sum() -> None:
+    J = t([[1, 0, 1], [1, 1, 0], [0, 2, 1]])
+    torch.testing.assert_close(PCGrad(3, seed=1)(J), J.sum(0))
+
+
+def test_gradvac_hand_case_and_targets() -> None:
+    # With targets 0 the vaccine is PCGrad: same hand result as above.
+    J = t([[1, 0], [-1, 1]])
+    agg = GradVac(2, beta=0.5)
+    torch.testing.assert_close(agg(J), t([0.5, 1.5]))
+    # Targets move to beta * cos(g1, g2) = 0.5 * (-1/sqrt 2).
+    expected = torch.tensor([[0.0, -0.5 / math.sqrt(2)], [-0.5 / math.sqrt(2), 0.0]])
+    torch.testing.assert_close(agg.target, expected)
+
+
+def test_gradvac_reaches_target_cosine() -> None:
+    # cos(g1, g2) = 0.2 < target 0.5: the vaccinated g1 has cosine exactly 0.5 with g2.
+    g1, g2 = t([1, 0]), t([0.2, math.sqrt(1 - 0.04)])
+    agg = GradVac(2, beta=0.0)
+    agg.target[0, 1] = 0.5
+    agg.target[1, 0] = -1.0  # never active: g2 is left alone and has weight 1 on itself
+    agg(torch.stack([g1, g2]))
+    w = agg.last_weights.double()
+    g1_new = g1 + (w[1] - 1.0) * g2
+    assert torch.nn.functional.cosine_similarity(g1_new, g2, dim=0).item() == pytest.approx(0.5)
+
+
+def test_graddrop_hand_cases() -> None:
+    # Column 0: both positive, purity 1: kept. Column 1: both negative, purity 0: kept.
+    # Column 2: +1 and -3, purity 1/4: either the positive or the negative parts survive.
+    J = t([[1, -2, 1], [2, -1, -3]])
+    agg = GradDrop(2, seed=0)
+    draws = torch.stack([agg(J) for _ in range(200)])
+    torch.testing.assert_close(draws[:, :2], t([3, -3]).expand(200, 2))
+    assert set(draws[:, 2].tolist()) <= {1.0, -3.0}
+    assert 0.1 < (draws[:, 2] == 1.0).double().mean() < 0.4  # P(keep positive) = 1/4
+    torch.testing.assert_close(GradDrop(2, leak=1.0)(J), J.sum(0))
+
+
+def test_mgda_hand_cases() -> None:
+    agg = MGDA(2)
+    torch.testing.assert_close(agg(t([[1, 0], [0, 1]])), t([0.5, 0.5]))
+    # The hull of (1, 0) and (1, 1) is closest to the origin at (1, 0).
+    torch.testing.assert_close(agg(t([[1, 0], [1, 1]])), t([1, 0]))
+    torch.testing.assert_close(agg.last_weights, torch.tensor([1.0, 0.0]))
+    # l2 normalisation: weights from unit gradients (1/2, 1/2), applied to the raw gradients.
+    torch.testing.assert_close(MGDA(2, normalization="l2")(t([[4, 0], [0, 1]])), t([2, 0.5]))
+    with pytest.raises(ValueError, match="losses"):
+        MGDA(2, normalization="loss")(t([[1, 0], [0, 1]]))
+
+
+def test_mgda_brute_force_t3() -> None:
+    for seed in range(3):
+        J = rand_J(3, 5, seed)
+        g = MGDA(3)(J)
+        grid = simplex_grid(3, 200) @ J
+        assert g.norm() <= grid.norm(dim=1).min() + 1e-6
+
+
+@pytest.mark.parametrize("cls", [UPGrad, DualProj], ids=lambda c: c.__name__)
+def test_dual_cone_methods_do_not_conflict(cls: type[GradientAggregator]) -> None:
+    for T in range(2, 7):
+        for seed in range(8):
+            J = rand_J(T, 5, 10 * T + seed)
+            agg = cls(T)
+            g = agg(J)
+            scale = (J @ J.T).diagonal().sum() * agg.last_weights.max()
+            assert torch.all(J @ g >= -2e-4 * scale), (T, seed, J @ g)
+
+
+def test_upgrad_and_dualproj_hand_cases() -> None:
+    J = t([[1, 0], [1, 1]])  # no conflict: the mean
+    torch.testing.assert_close(UPGrad(2)(J), J.mean(0))
+    torch.testing.assert_close(DualProj(2)(J), J.mean(0))
+    # Conflict: projections (1/2, 1/2) and (0, 1) (see test_dual_cone_weights...), mean (1/4, 3/4);
+    # the mean gradient (0, 1/2) is already in the dual cone. reg_eps=0 gives the exact answer.
+    J = t([[1, 0], [-1, 1]])
+    torch.testing.assert_close(UPGrad(2, reg_eps=0.0)(J), t([0.25, 0.75]))
+    torch.testing.assert_close(DualProj(2, reg_eps=0.0)(J), t([0.0, 0.5]))
+    torch.testing.assert_close(UPGrad(2)(J), t([0.25, 0.75]), atol=1e-3, rtol=0)
+
+
+def test_cagrad_c0_is_mean_and_hand_case() -> None:
+    J = rand_J(3, 4, 0)
+    torch.testing.assert_close(CAGrad(3, c=0.0)(J), J.mean(0))
+    # Orthogonal unit rows e1, e2: by symmetry w = (1/2, 1/2), g_w = g0 = (1/2, 1/2), so
+    # d = g0 + c g0 = (1 + c) g0, rescaled by 1 / (1 + c^2).
+    c = 0.4
+    expected = (1 + c) / (1 + c**2) * t([0.5, 0.5])
+    torch.testing.assert_close(CAGrad(2, c=c)(t([[1, 0], [0, 1]])), expected)
+    torch.testing.assert_close(CAGrad(2, c=c, rescale=0)(t([[1, 0], [0, 1]])), (1 + c) * t([0.5, 0.5]))
+
+
+def test_cagrad_improves_worst_task_within_ball() -> None:
+    J = t([[1, 0], [-0.8, 0.3]])
+    c = 0.5
+    d = CAGrad(2, c=c, rescale=0)(J)
+    g0 = J.mean(0)
+    assert (d - g0).norm() <= c * g0.norm() * (1 + 1e-6)  # on the sphere, float32
+    assert (J @ d).min() > (J @ g0).min()  # better worst-case improvement than the mean
+
+
+def test_imtlg_equal_projections() -> None:
+    # g1 = (2, 0), g2 = (0, 1): a1 + a2 = 1 and 2 a1 = a2 give a = (1/3, 2/3), g = (2/3, 2/3).
+    torch.testing.assert_close(IMTLG(2)(t([[2, 0], [0, 1]])), t([2 / 3, 2 / 3]))
+    for T in (2, 3, 5):
+        J = rand_J(T, 8, T)
+        agg = IMTLG(T)
+        g = agg(J)
+        proj = (J / J.norm(dim=1, keepdim=True)) @ g
+        torch.testing.assert_close(proj, proj[0].expand(T), rtol=1e-5, atol=1e-6)
+        assert agg.last_weights.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_nashmtl_optimality() -> None:
+    # Orthogonal rows: alpha_t = 1/|g_t|, so the update is the sum of unit vectors, then clipped.
+    J = t([[3, 0], [0, 0.5]])
+    torch.testing.assert_close(NashMTL(2, max_norm=0.0)(J), t([1, 1]))
+    torch.testing.assert_close(NashMTL(2)(J).norm(), torch.tensor(1.0, dtype=torch.float64), atol=1e-5, rtol=0)
+    for seed in range(4):
+        J = rand_J(4, 10, seed)
+        agg = NashMTL(4, max_norm=0.0)
+        agg(J)
+        alpha = agg.last_weights.double()
+        G = J @ J.T
+        torch.testing.assert_close(alpha * (G @ alpha), torch.ones(4, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_nashmtl_reuses_weights_between_updates() -> None:
+    agg = NashMTL(2, update_weights_every=2, max_norm=0.0)
+    agg(t([[3, 0], [0, 0.5]]))
+    agg(t([[1, 0], [0, 1]]))
+    torch.testing.assert_close(agg.last_weights, torch.tensor([1 / 3, 2.0]))
+
+
+def test_alignedmtl_hand_cases() -> None:
+    # Orthogonal rows of equal norm: B = I, the sum of the rows.
+    J = t([[0, 2, 0], [2, 0, 0]])
+    torch.testing.assert_close(AlignedMTL(2)(J), J.sum(0))
+    # Orthogonal rows of norms 2 and 1: both rescaled to the smallest singular value 1.
+    torch.testing.assert_close(AlignedMTL(2)(t([[2, 0], [0, 1]])), t([1, 1]))
+    torch.testing.assert_close(AlignedMTL(2, scale_mode="rmse")(t([[2, 0], [0, 1]])), math.sqrt(2.5) * t([1, 1]))
+
+
+def test_alignedmtl_aligned_gradients_are_orthogonal_equal_norm() -> None:
+    J = rand_J(3, 6, 0)
+    agg = AlignedMTL(3)
+    agg(J)
+    G = J @ J.T
+    lam, V = torch.linalg.eigh(G)
+    B = lam.min().sqrt() * (V * lam.rsqrt()) @ V.T
+    aligned = B @ J
+    torch.testing.assert_close(aligned @ aligned.T, lam.min() * torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(agg.last_weights.double(), B.sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_config_equal_positive_cosines() -> None:
+    # Units e1, e2; v = (1, 1); length = (2 + 1)/sqrt 2 along (1, 1)/sqrt 2: g = (3/2, 3/2).
+    torch.testing.assert_close(ConFIG(2)(t([[2, 0], [0, 1]])), t([1.5, 1.5]))
+    for seed in range(5):
+        J = rand_J(2, 6, seed)
+        g = ConFIG(2)(J)
+        cos = torch.nn.functional.cosine_similarity(J, g[None], dim=1)
+        assert torch.all(cos > 0)
+        torch.testing.assert_close(cos[0], cos[1])
+        # Its length is the sum of the projections of the gradients on its direction.
+        torch.testing.assert_close(g.norm(), (J @ (g / g.norm())).sum())
+
+
+def test_dbmtl_hand_case_and_ema() -> None:
+    # Log-gradients J_t / L_t = (1, 0) and (0, 2); rescaled to the largest norm 2: (2, 2).
+    J = t([[2, 0], [0, 1]])
+    losses = torch.tensor([2.0, 0.5])
+    agg = DBMTL(2)
+    torch.testing.assert_close(agg(J, losses), t([2, 2]), rtol=1e-6, atol=1e-6)
+    # Step 1: EMA = new + 0.9 / 1^0.5 (old - new); with new = (0, 0), (1, 0) we get
+    # (0.9, 0) and (0.1, 1.8); rescaled by 1.8 / |.| each.
+    J2 = t([[0, 0], [1, 0]])
+    g = agg(J2, torch.tensor([1.0, 1.0]))
+    e1, e2 = t([0.9, 0.0]), t([0.1, 1.8])
+    big = e2.norm()
+    torch.testing.assert_close(g, big / e1.norm() * e1 + e2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="losses"):
+        DBMTL(2)(J)
+    with pytest.raises(ValueError, match="space=params"):
+        agg(torch.zeros(2, 5), losses)
+
+
+def test_fairgrad_hand_case_and_equation() -> None:
+    # Orthogonal rows of norms a, b: a^2 w1 = w1^(-1/alpha) gives w1 = a^(-2 alpha / (alpha + 1)).
+    alpha = 2.0
+    J = t([[2, 0], [0, 0.5]])
+    agg = FairGrad(2, alpha=alpha, max_norm=0.0)
+    agg(J)
+    expected = torch.tensor([2.0, 0.5]).pow(-2 * alpha / (alpha + 1))
+    torch.testing.assert_close(agg.last_weights, expected)
+    # alpha = 1 is the Nash-MTL equation.
+    J = rand_J(3, 5, 3)
+    a, b = FairGrad(3, alpha=1.0, max_norm=0.0), NashMTL(3, max_norm=0.0)
+    torch.testing.assert_close(a(J), b(J), rtol=1e-5, atol=1e-6)
+    for alpha in (0.5, 3.0):
+        agg = FairGrad(3, alpha=alpha, max_norm=0.0)
+        agg(J)
+        w = agg.last_weights.double()
+        torch.testing.assert_close((J @ J.T) @ w, w.pow(-1 / alpha), rtol=1e-4, atol=0)
