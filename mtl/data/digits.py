@@ -14,12 +14,17 @@ from mtl.tasks import Task
 _MISSING = -100
 
 
-def _digit_splits(seed: int, fractions: Sequence[float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Stratified train/val/test split of the 1,797 digits: ``{split: (images [N,8,8] in [0,1], digit)}``."""
+def _digit_splits(
+    seed: int, fractions: Sequence[float]
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Stratified split of the 1,797 digits: ``{split: (images [N,8,8] in [0,1], digit, index)}``
+    where ``index`` locates each image in scikit-learn's array."""
     d = load_digits()
     images = (d.images / 16.0).astype(np.float32)
     parts = stratified_split(d.target, fractions, seed)
-    return {s: (images[i], d.target[i].astype(np.int64)) for s, i in zip(("train", "val", "test"), parts)}
+    return {
+        s: (images[i], d.target[i].astype(np.int64), i) for s, i in zip(("train", "val", "test"), parts)
+    }
 
 
 class DigitsDataModule(MultiTaskDataModule):
@@ -36,6 +41,7 @@ class DigitsDataModule(MultiTaskDataModule):
 
     def __init__(self, split: Sequence[float] = (0.6, 0.2, 0.2), **kwargs) -> None:
         self.split_fractions = tuple(split)
+        self.source_index: dict[str, np.ndarray] = {}
         super().__init__(**kwargs)
 
     def available_tasks(self) -> Sequence[str]:
@@ -56,7 +62,8 @@ class DigitsDataModule(MultiTaskDataModule):
 
     def build(self):
         out = {}
-        for split, (images, digit) in _digit_splits(self.seed, self.split_fractions).items():
+        for split, (images, digit, index) in _digit_splits(self.seed, self.split_fractions).items():
+            self.source_index[split] = index
             labels = self.labels_of(digit)
             out[split] = (
                 torch.from_numpy(images).unsqueeze(1),
@@ -72,7 +79,7 @@ class MultiDigitsDataModule(MultiTaskDataModule):
     canvas (pixel-wise max where they overlap), each shifted at random by up to ``max_shift`` pixels
     in both directions. Tasks: ``left`` and ``right`` (10 classes each) and ``sum`` (19 classes).
     The pairs of a split are drawn only from that split's digits, so no test digit is seen in
-    training. Generation is deterministic given ``seed``. Inputs are ``[N, 1, H, W]`` in [0, 1].
+    training (``source_index[split]`` gives the scikit-learn indices of each image's two digits). Generation is deterministic given ``seed``. Inputs are ``[N, 1, H, W]`` in [0, 1].
 
     Args:
         n_train, n_val, n_test: number of generated images per split.
@@ -94,6 +101,7 @@ class MultiDigitsDataModule(MultiTaskDataModule):
         self.overlap = int(overlap)
         self.max_shift = int(max_shift)
         self.split_fractions = tuple(split)
+        self.source_index: dict[str, np.ndarray] = {}
         if not 0 <= self.overlap <= 8:
             raise ValueError(f"data.overlap must be in [0, 8], got {overlap}.")
         super().__init__(**kwargs)
@@ -115,7 +123,7 @@ class MultiDigitsDataModule(MultiTaskDataModule):
     def _compose(self, images: np.ndarray, digits: np.ndarray, n: int, rng: np.random.Generator):
         h, w = self.image_shape
         canvas = np.zeros((n, h, w), dtype=np.float32)
-        pick = rng.integers(0, len(images), size=(n, 2))
+        pick = rng.integers(0, len(images), size=(n, 2))  # [n, (left, right)] into this split's digits
         shifts = rng.integers(0, self.max_shift + 1, size=(n, 2, 2))
         right_x = 8 - self.overlap
         for i in range(n):
@@ -124,14 +132,15 @@ class MultiDigitsDataModule(MultiTaskDataModule):
                 patch = canvas[i, dy : dy + 8, x0 + dx : x0 + dx + 8]
                 np.maximum(patch, images[pick[i, side]], out=patch)
         left, right = digits[pick[:, 0]], digits[pick[:, 1]]
-        return canvas, {"left": left, "right": right, "sum": left + right}
+        return canvas, pick, {"left": left, "right": right, "sum": left + right}
 
     def build(self):
         out = {}
         splits = _digit_splits(self.seed, self.split_fractions)
-        for k, (split, (images, digit)) in enumerate(splits.items()):
+        for k, (split, (images, digit, index)) in enumerate(splits.items()):
             rng = np.random.default_rng([self.seed, k])
-            canvas, labels = self._compose(images, digit, self.sizes[split], rng)
+            canvas, pick, labels = self._compose(images, digit, self.sizes[split], rng)
+            self.source_index[split] = index[pick]  # [n, 2] indices into scikit-learn's digits
             out[split] = (
                 torch.from_numpy(canvas).unsqueeze(1),
                 {t: _label_tensor(labels[t], self.tasks[t]) for t in self.tasks},

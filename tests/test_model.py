@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from mtl import MultiTaskModel, Task
+from mtl.backbones import CNN, MLP
+from mtl.transfer.loading import load_weights
+
+
+def test_backbones_shapes():
+    mlp = MLP(in_features=64, hidden=[32, 16])
+    assert mlp(torch.randn(5, 1, 8, 8)).shape == (5, 16) and mlp.out_features == 16
+    assert len(mlp.stages) == 2 and mlp.stage_channels == [32, 16]
+    cnn = CNN(in_channels=1, channels=[4, 8, 8])
+    assert cnn(torch.randn(3, 8, 8)).shape == (3, 8)  # [B, H, W] is one channel
+    assert cnn(torch.randn(3, 1, 10, 14)).shape == (3, 8)  # any image size
+    grid = CNN(in_channels=1, channels=[4, 8], pool_size=[1, 2])
+    assert grid.out_features == 16 and grid(torch.randn(2, 1, 10, 14)).shape == (2, 16)
+
+
+def test_cnn_wrong_channels_is_a_clear_error():
+    with pytest.raises(ValueError, match="backbone.in_channels"):
+        CNN(in_channels=3)(torch.randn(2, 1, 8, 8))
+
+
+def test_model_heads_and_task_changes():
+    tasks = [Task("a", num_classes=3), Task("b", kind="regression", out_features=2)]
+    model = MultiTaskModel(MLP(in_features=8, hidden=[16]), tasks)
+    out = model(torch.randn(4, 8))
+    assert out["a"].shape == (4, 3) and out["b"].shape == (4, 2)
+    outs, rep = model.forward_with_representation(torch.randn(4, 8), ["a"])
+    assert list(outs) == ["a"] and rep.shape == (4, 16)
+    assert model.add_tasks([Task("c", kind="binary")]) == ["c"]
+    assert model(torch.randn(2, 8))["c"].shape == (2, 1)
+    before = model.backbone.stages[0][1].weight.clone()
+    model.replace_heads([Task("z", num_classes=5)])
+    assert list(model.heads) == ["z"] and torch.equal(before, model.backbone.stages[0][1].weight)
+    with pytest.raises(KeyError, match="no head for task"):
+        model(torch.randn(2, 8), ["a"])
+
+
+def test_head_hidden_layers():
+    model = MultiTaskModel(MLP(in_features=8, hidden=[16]), [Task("a", num_classes=3)], head_hidden=[32])
+    assert sum(p.numel() for p in model.heads["a"].parameters()) == 16 * 32 + 32 + 32 * 3 + 3
+
+
+def test_load_weights_reports_and_keeps_new_heads_fresh(tmp_path):
+    src = MultiTaskModel(MLP(in_features=8, hidden=[16]), [Task("a", num_classes=3)])
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    dst = MultiTaskModel(MLP(in_features=8, hidden=[16]), [Task("b", num_classes=2)])
+    head_before = dst.heads["b"].weight.clone()
+    report = load_weights(dst, tmp_path / "w.pt")
+    assert torch.equal(dst.backbone.stages[0][1].weight, src.backbone.stages[0][1].weight)
+    assert torch.equal(dst.heads["b"].weight, head_before)
+    assert "heads.b.weight" in report.missing and "heads.a.weight" in report.unexpected
+    assert "heads of ['a']" in report.summary()
+
+
+def test_load_weights_backbone_mismatch_lists_keys(tmp_path):
+    src = MultiTaskModel(MLP(in_features=8, hidden=[16, 8]), [Task("a", num_classes=3)])
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    dst = MultiTaskModel(CNN(channels=[4]), [Task("a", num_classes=3)])
+    with pytest.raises(ValueError, match=r"do not fit(.|\n)*missing keys(.|\n)*unexpected keys"):
+        load_weights(dst, tmp_path / "w.pt")
+    wide = MultiTaskModel(MLP(in_features=8, hidden=[32, 8]), [Task("a", num_classes=3)])
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_weights(wide, tmp_path / "w.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_weights(dst, tmp_path / "nope.ckpt")

@@ -1,0 +1,122 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mtl import MultiTaskModel, MultiTaskModule, Task
+from mtl.backbones import CNN, MLP
+from mtl.module import mixing_weights
+
+
+class TwoTaskData(Dataset):
+    """x [N, 8]; a: 3 classes from the signs of x0, x1; b: regression on x2, x3."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=g)
+        self.a = (self.x[:, 0] > 0).long() + (self.x[:, 1] > 0).long()
+        self.b = 2 * self.x[:, 2] + self.x[:, 3]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], {"a": self.a[i], "b": self.b[i]}
+
+
+class Batches:
+    """A fixed list of batches as one iterable (a plain list would read as several dataloaders)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def trainer(**kw):
+    opts = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False)
+    opts.update(kw)
+    return pl.Trainer(**opts)
+
+
+def test_readme_library_snippet_runs_and_learns():
+    train_loader = DataLoader(TwoTaskData(512), batch_size=32, shuffle=True)
+    val_loader = DataLoader(TwoTaskData(256, seed=1), batch_size=64)
+    # --- the README's snippet, as written ---
+    import pytorch_lightning as pl
+    from mtl import Task, MultiTaskModel, MultiTaskModule
+    from mtl.backbones import MLP
+
+    tasks = [Task("a", kind="multiclass", num_classes=3), Task("b", kind="regression")]
+    model = MultiTaskModel(backbone=MLP(in_features=8, hidden=[32]), tasks=tasks)
+    module = MultiTaskModule(model, tasks=tasks)          # sensible default optimizer
+    trainer = pl.Trainer(max_epochs=15, accelerator="cpu")
+    trainer.fit(module, train_loader, val_loader)       # batches are (x, {"a": y_a, "b": y_b})
+    # ---
+    m = trainer.callback_metrics
+    assert m["val/a/acc"] > 0.6  # chance is ~0.4 (the middle class holds half the data)
+    assert m["val/b/mae"] < 1.0  # predicting the mean gives ~1.8
+    for key in ("train/a/loss", "train/b/loss", "val/loss", "val/a/f1", "val/b/rmse"):
+        assert key in m
+
+
+def test_mixing_weights_alpha():
+    tasks = {n: Task(n, num_classes=2) for n in "abc"}
+    assert mixing_weights(tasks, ["a", "b"]) == {"a": 1.0, "b": 1.0}
+    w = mixing_weights(tasks, ["c"], ["a", "b"], alpha=0.2)
+    assert w == pytest.approx({"c": 0.8, "a": 0.1, "b": 0.1})
+
+
+def test_combined_loss_is_alpha_mix():
+    tasks = {n: Task(n, num_classes=2) for n in "abc"}
+    model = MultiTaskModel(MLP(in_features=4, hidden=[8]), tasks)
+    module = MultiTaskModule(model, tasks=["c"], source_tasks=["a", "b"], alpha=0.3)
+    losses = {"a": torch.tensor(1.0), "b": torch.tensor(3.0), "c": torch.tensor(2.0)}
+    assert module.combine(losses).item() == pytest.approx(0.3 * 2.0 + 0.7 * 2.0)
+
+
+def test_frozen_backbone_stays_bit_identical_then_trains():
+    tasks = [Task("a", num_classes=3), Task("b", kind="regression")]
+    model = MultiTaskModel(CNN(in_channels=1, channels=[4, 8]), tasks)
+    x = torch.randn(64, 1, 6, 6)
+    data = Batches([(x[i : i + 16], {"a": torch.randint(0, 3, (16,)), "b": torch.randn(16)}) for i in range(0, 64, 16)])
+    module = MultiTaskModule(model, frozen_epochs=2)
+    backbone0 = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head0 = model.heads["a"].weight.clone()
+    trainer(max_epochs=2).fit(module, data)
+    # parameters and BatchNorm running statistics untouched while frozen; heads trained
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, backbone0[k]), k
+    assert not torch.equal(model.heads["a"].weight, head0)
+    # probe then full: a fresh module, frozen for 1 epoch of 2, must change the backbone
+    module2 = MultiTaskModule(model, frozen_epochs=1)
+    trainer(max_epochs=2).fit(module2, data)
+    assert not torch.equal(model.backbone.stages[0].conv.weight, backbone0["stages.0.conv.weight"])
+
+
+def test_parameter_groups_learning_rates():
+    model = MultiTaskModel(MLP(in_features=4, hidden=[8]), [Task("a", num_classes=2)])
+    module = MultiTaskModule(model, lr=0.01, backbone_lr_scale=0.1)
+    opt = module.configure_optimizers()
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == pytest.approx({"backbone": 0.001, "heads": 0.01})
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters())
+
+
+def test_label_out_of_range_in_training_names_task():
+    model = MultiTaskModel(MLP(in_features=4, hidden=[8]), [Task("a", num_classes=2)])
+    data = Batches([(torch.randn(4, 4), {"a": torch.tensor([0, 1, 5, 1])})])
+    with pytest.raises(ValueError, match="Task 'a': label 5 is out of range"):
+        trainer(max_epochs=1).fit(MultiTaskModule(model), data)
+
+
+def test_module_rejects_unknown_task():
+    model = MultiTaskModel(MLP(in_features=4, hidden=[8]), [Task("a", num_classes=2)])
+    with pytest.raises(ValueError, match=r"no head for task\(s\) \['zz'\]"):
+        MultiTaskModule(model, tasks=["zz"])

@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtl.tasks import Task, tasks_from_config
+
+
+def test_multiclass_loss_ignores_missing_labels():
+    task = Task("a", num_classes=3)
+    out = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]])
+    y = torch.tensor([0, -100, 2])
+    expected = F.cross_entropy(out[[0, 2]], y[[0, 2]])
+    assert torch.allclose(task.loss(out, y), expected)
+
+
+def test_regression_loss_ignores_nan():
+    task = Task("r", kind="regression")
+    out = torch.tensor([[1.0], [2.0], [3.0]])
+    y = torch.tensor([1.0, float("nan"), 5.0])
+    assert task.loss(out, y).item() == pytest.approx((0 + 4) / 2)
+
+
+def test_all_missing_gives_zero_loss_with_graph():
+    task = Task("a", num_classes=3)
+    out = torch.randn(4, 3, requires_grad=True)
+    loss = task.loss(out, torch.full((4,), -100))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(out.grad, torch.zeros_like(out))
+    assert task.metric_inputs(out, torch.full((4,), -100)) is None
+
+
+def test_out_of_range_label_names_task_and_value():
+    task = Task("digit", num_classes=10)
+    with pytest.raises(ValueError, match=r"Task 'digit': label 12 is out of range \[0, 10\)"):
+        task.check_targets(torch.tensor([1, 12, -100]))
+    with pytest.raises(ValueError, match="'flag'.*label 2"):
+        Task("flag", kind="binary").check_targets(torch.tensor([0.0, 2.0]))
+    task.check_targets(torch.tensor([0, 9, -100]))  # in range and missing: fine
+
+
+def test_kinds_sizes_and_metrics():
+    assert Task("a", num_classes=4).output_size == 4
+    assert Task("b", kind="binary").output_size == 1
+    assert Task("c", kind="multilabel", num_classes=5).output_size == 5
+    assert Task("d", kind="regression", out_features=3).output_size == 3
+    assert set(Task("a", num_classes=4).make_metrics().keys()) == {"acc", "f1"}
+    assert set(Task("b", kind="binary").make_metrics().keys()) == {"acc", "auroc"}
+    assert set(Task("d", kind="regression").make_metrics().keys()) == {"mae", "rmse"}
+    assert Task("a", num_classes=4).higher_is_better
+    assert not Task("d", kind="regression").higher_is_better
+
+
+def test_binary_and_multilabel_metrics_on_masked_examples():
+    task = Task("b", kind="binary")
+    out = torch.tensor([[3.0], [-3.0], [0.5]])
+    y = torch.tensor([1.0, 0.0, float("nan")])
+    pred, target = task.metric_inputs(out, y)
+    assert pred.shape == (2,) and target.tolist() == [1, 0]
+    metrics = task.make_metrics()
+    metrics.update(pred, target)
+    assert metrics.compute()["acc"].item() == 1.0
+    ml = Task("m", kind="multilabel", num_classes=2)
+    out = torch.tensor([[2.0, -2.0], [0.0, 0.0]])
+    y = torch.tensor([[1.0, 0.0], [float("nan"), 1.0]])
+    assert ml.loss(out, y).item() == pytest.approx(F.binary_cross_entropy_with_logits(out[:1], y[:1]).item())
+
+
+def test_bad_task_specs():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Task("a", kind="ranking")
+    with pytest.raises(ValueError, match="needs num_classes"):
+        Task("a", kind="multiclass")
+    with pytest.raises(ValueError, match="data.tasks.a"):
+        tasks_from_config({"a": {"kind": "multiclass", "num_classes": 3, "colour": "red"}})
+    tasks = tasks_from_config({"a": {"num_classes": 3}, "r": {"kind": "regression"}})
+    assert tasks["a"].metric == "acc" and tasks["r"].metric == "mae" and math.isclose(tasks["r"].weight, 1.0)
