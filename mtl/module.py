@@ -16,8 +16,22 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
+from mtl.balancing.aggregator import GradientAggregator
+from mtl.balancing.jacobian import (
+    all_reduce_gradients,
+    gather_representation_jacobian,
+    reduce_jacobian,
+    representation_backward,
+    task_jacobian,
+    write_gradient,
+)
+from mtl.balancing.weighting import LossWeighting
 from mtl.model import MultiTaskModel
 from mtl.tasks import Task
+
+SPACES = ("params", "representation")
+#: pairwise gradient cosines are logged up to this many tasks
+MAX_COSINE_TASKS = 8
 
 SPLITS = ("train", "val", "test")
 
@@ -60,6 +74,18 @@ class MultiTaskModule(pl.LightningModule):
             during the first ``frozen_epochs`` epochs; use a large number to freeze it throughout.
         backbone_lr_scale: multiplies the learning rate of the backbone when it is trainable.
         monitor: name of the metric that selects the best checkpoint (logged by this module).
+        balancer: objective sharing: a :class:`~mtl.balancing.LossWeighting` (one backward of the
+            weighted sum; automatic optimization) or a :class:`~mtl.balancing.GradientAggregator`
+            (per-task gradients combined into one update; manual optimization), built for the
+            module's tasks in order (targets, then sources). It acts on the statically weighted
+            losses ``w_t L_t`` (so a combined stage's ``alpha`` mix still applies). None: the
+            static sum.
+        balancer_space: ``params`` (task gradients over the shared parameters) or
+            ``representation`` (over the shared representation; cheaper) for aggregators.
+        jacobian_method: ``auto``, ``loop`` or ``batched`` (see :mod:`mtl.balancing.jacobian`).
+        chunk_size: rows per batched Jacobian call (None: all tasks at once).
+        gradient_clip_val: gradient norm clipping for aggregators (Lightning clips automatically
+            only under automatic optimization, so the entry point hands the trainer's value here).
     """
 
     def __init__(
@@ -74,6 +100,11 @@ class MultiTaskModule(pl.LightningModule):
         frozen_epochs: int = 0,
         backbone_lr_scale: float = 1.0,
         monitor: str = "val/loss",
+        balancer: LossWeighting | GradientAggregator | None = None,
+        balancer_space: str = "params",
+        jacobian_method: str = "auto",
+        chunk_size: int | None = None,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -94,6 +125,23 @@ class MultiTaskModule(pl.LightningModule):
         self.frozen_epochs = int(frozen_epochs)
         self.backbone_lr_scale = float(backbone_lr_scale)
         self.monitor = monitor
+        if balancer is not None and not isinstance(balancer, (LossWeighting, GradientAggregator)):
+            raise TypeError(
+                f"balancer must be a LossWeighting or a GradientAggregator, got {type(balancer).__name__}."
+            )
+        if balancer is not None and getattr(balancer, "num_tasks", len(all_tasks)) != len(all_tasks):
+            raise ValueError(
+                f"The balancer was built for {balancer.num_tasks} tasks but the stage trains "
+                f"{len(all_tasks)}: {all_tasks}."
+            )
+        if balancer_space not in SPACES:
+            raise ValueError(f"balancer.space must be one of {SPACES}, got '{balancer_space}'.")
+        self.balancer = balancer
+        self.balancer_space = balancer_space
+        self.jacobian_method = jacobian_method
+        self.chunk_size = chunk_size
+        self.gradient_clip_val = gradient_clip_val
+        self.automatic_optimization = not isinstance(balancer, GradientAggregator)
         self.metrics = nn.ModuleDict(
             {
                 f"{split}_{kind}": nn.ModuleDict(
@@ -124,20 +172,35 @@ class MultiTaskModule(pl.LightningModule):
                 out.append((x, ys))
         return out
 
-    def task_losses(self, batch, split: str) -> dict[str, Tensor]:
-        """``{task: scalar loss}`` for this module's tasks present in the batch; updates metrics."""
+    def task_losses(
+        self, batch, split: str | None, representations: list[Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """``{task: scalar loss}`` for this module's tasks present in the batch.
+
+        Updates the ``split``'s metrics (none when ``split`` is None). When ``representations`` is
+        a list, the shared representation of every forward pass is appended to it.
+        """
         losses: dict[str, Tensor] = {}
         for x, ys in self._groups(batch):
-            outputs = self.model(x, list(ys))
+            outputs, rep = self.model.forward_with_representation(x, list(ys))
+            if representations is not None:
+                representations.append(rep)
             for t, y in ys.items():
                 task = self.tasks[t]
-                task.check_targets(y)
+                if split is not None:
+                    task.check_targets(y)
                 losses[t] = task.loss(outputs[t], y)
-                pair = task.metric_inputs(outputs[t], y)
+                pair = task.metric_inputs(outputs[t], y) if split is not None else None
                 if pair is not None:
                     self.metrics[f"{split}_metrics"][t].update(*pair)
                     self.metrics[f"{split}_loss"][t].update(losses[t].detach(), pair[0].shape[0])
         return losses
+
+    def loss_vector(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """``[T]`` statically weighted losses ``w_t L_t`` in the module's task order (0 if absent)."""
+        ref = next(iter(losses.values()))
+        zero = ref.new_zeros(())
+        return torch.stack([self.loss_weights[t] * losses[t] if t in losses else zero for t in self.task_names])
 
     def combine(self, losses: Mapping[str, Tensor]) -> Tensor:
         """The stage's static combination ``sum_t w_t L_t`` of the task losses."""
@@ -145,10 +208,93 @@ class MultiTaskModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx: int) -> Tensor:
+        if not self.automatic_optimization:
+            return self._aggregated_step(batch)
         losses = self.task_losses(batch, "train")
-        total = self.combine(losses)
+        if self.balancer is None:
+            total = self.combine(losses)
+        else:
+            vec = self.loss_vector(losses)
+            shared = self._last_shared_parameters() if self.balancer.needs_shared_parameters else None
+            total, weights = self.balancer.weighted_loss(vec, shared_parameters=shared)
+            self._log_weights(weights)
         self.log("train/loss", total.detach(), on_step=False, on_epoch=True, prog_bar=True)
         return total
+
+    # ------------------------------------------------------------------ objective sharing
+    def _last_shared_parameters(self) -> list[Tensor]:
+        """Parameters of the backbone's last stage (GradNorm's "last shared layer")."""
+        return [p for p in self.model.backbone.stages[-1].parameters() if p.requires_grad]
+
+    def _log_weights(self, weights: Tensor | None) -> None:
+        if weights is None:
+            return
+        for t, w in zip(self.task_names, weights.detach()):
+            self.log(f"train/weight/{t}", w, on_step=False, on_epoch=True)
+
+    def _log_gradients(self, J: Tensor) -> None:
+        """Per-task gradient norms and pairwise cosines (from the Jacobian, no host sync)."""
+        Jf = J.detach().float()
+        norms = Jf.norm(dim=1)
+        for t, n in zip(self.task_names, norms):
+            self.log(f"train/grad_norm/{t}", n, on_step=False, on_epoch=True)
+        if len(self.task_names) <= MAX_COSINE_TASKS:
+            unit = Jf / norms.clamp_min(1e-12).unsqueeze(1)
+            cos = unit @ unit.T
+            for i, a in enumerate(self.task_names):
+                for j in range(i + 1, len(self.task_names)):
+                    self.log(f"train/cos/{a}/{self.task_names[j]}", cos[i, j], on_step=False, on_epoch=True)
+
+    def _aggregated_step(self, batch) -> Tensor:
+        """One step of a gradient aggregator: Jacobian, aggregation, per-task head gradients."""
+        optimizer = self.optimizers()
+        reps: list[Tensor] = []
+        losses = self.task_losses(batch, "train", reps)
+        vec = self.loss_vector(losses)
+        shared = [p for p in self.model.shared_parameters() if p.requires_grad]
+        if self.balancer_space == "representation":
+            if any(r is None for r in reps):
+                raise ValueError(
+                    f"balancer.space=representation needs a shared representation, but "
+                    f"{type(self.model.sharing).__name__} has none; use balancer.space=params."
+                )
+            inputs = reps
+        else:
+            inputs = shared
+        J = task_jacobian(vec, inputs, method=self.jacobian_method, chunk_size=self.chunk_size)
+        if self.balancer_space == "params":
+            J = reduce_jacobian(J)
+            g = self.balancer(J, vec.detach())
+        else:
+            J_global, mine = gather_representation_jacobian(J)
+            g = self.balancer(J_global, vec.detach())[mine]
+            J = J_global
+        self._log_weights(self.balancer.last_weights)
+        self._log_gradients(J)
+        optimizer.zero_grad()
+        shared_ids = {id(p) for p in shared}
+        own = [p for p in self.model.parameters() if p.requires_grad and id(p) not in shared_ids]
+        # heads (and task-specific sharing parts) get their own task's gradient: d(sum_t L_t)/d theta_t
+        if own:
+            torch.autograd.backward(vec.sum(), inputs=own, retain_graph=self.balancer_space == "representation")
+        if self.balancer_space == "representation":
+            sizes = [r.numel() for r in reps]
+            for rep, piece in zip(reps, torch.split(g, sizes)):
+                representation_backward(rep, piece, retain_graph=rep is not reps[-1])
+            all_reduce_gradients(shared)
+        else:
+            write_gradient(shared, g)
+        if self.gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.gradient_clip_val)
+        self._step_with_freeze(optimizer, None)
+        total = vec.detach().sum()
+        self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True)
+        return total
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if isinstance(self.balancer, LossWeighting) and self.balancer.needs_losses_after_step:
+            with torch.no_grad():  # the losses of the same batch after the step (FAMO)
+                self.balancer.after_optimizer_step(self.loss_vector(self.task_losses(batch, None)))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.task_losses(batch, "val")
@@ -176,6 +322,18 @@ class MultiTaskModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
+        if isinstance(self.balancer, LossWeighting):
+            self.balancer.on_train_epoch_end()
+        if not self.automatic_optimization:
+            # under manual optimization Lightning leaves epoch-interval schedulers to the module
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    value = self.trainer.callback_metrics.get(self.monitor)
+                    if value is not None:
+                        scheduler.step(value)
+                else:
+                    scheduler.step()
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
@@ -196,9 +354,13 @@ class MultiTaskModule(pl.LightningModule):
             self.model.backbone.train()
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        self._step_with_freeze(optimizer, optimizer_closure)
+
+    def _step_with_freeze(self, optimizer, closure) -> None:
         # Freezing by a learning rate of 0 (rather than toggling requires_grad) keeps the set of
         # trainable parameters fixed, which DDP and checkpoint resume both rely on. The scheduler's
         # learning rates are left untouched and restored right after the step.
+        optimizer_closure = closure
         inner = getattr(optimizer, "optimizer", optimizer)
         frozen = [g for g in inner.param_groups if g.get("name") == "backbone"] if self.backbone_frozen() else []
         saved = [g["lr"] for g in frozen]
@@ -217,10 +379,13 @@ class MultiTaskModule(pl.LightningModule):
         ids = {id(p) for p in backbone}
         sharing = [p for p in self.model.sharing.parameters() if p.requires_grad and id(p) not in ids]
         heads = [p for p in self.model.heads.parameters() if p.requires_grad]
+        balancer = [p for p in self.balancer.parameters() if p.requires_grad] if self.balancer is not None else []
         groups = [
             {"name": "backbone", "params": backbone, "lr_scale": self.backbone_lr_scale},
             {"name": "sharing", "params": sharing, "lr_scale": 1.0},
             {"name": "heads", "params": heads, "lr_scale": 1.0},
+            # learned task weights (UW, IMTL-L, GradNorm) are not decayed
+            {"name": "balancer", "params": balancer, "lr_scale": 1.0, "weight_decay": 0.0},
         ]
         return [g for g in groups if g["params"]]
 

@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mtl.balancing import GradientAggregator, aggregators
 from mtl.report import print_results
 from mtl.schedule import Builders, ScheduleRunner, default_module, lookup_metric, stages_from_dict
 
@@ -39,6 +40,38 @@ def input_kwargs(backbone_cfg: DictConfig, datamodule: Any) -> dict[str, int]:
     return out
 
 
+AGGREGATOR_NAMES = set(aggregators.__all__)
+
+
+def balancer_config(spec: Any, where: str) -> DictConfig | None:
+    """A stage's balancer: None, a preset name (``pcgrad``) or a ``{method: ..., space: ...}`` mapping."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        path = Path(CONFIG_DIR) / "balancer" / f"{spec}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            raise ValueError(f"{where}: no balancer preset '{spec}'; choose one of {names}.")
+        return OmegaConf.load(path)
+    return OmegaConf.create(spec)
+
+
+def check_trainer_for_aggregator(trainer_cfg: DictConfig, bcfg: DictConfig) -> None:
+    """Refuse trainer settings that manual optimization cannot honour, with what to do instead."""
+    name = str(bcfg.method.get("_target_", "")).rsplit(".", 1)[-1]
+    if int(trainer_cfg.get("accumulate_grad_batches") or 1) != 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={trainer_cfg.accumulate_grad_batches} is not supported "
+            f"with the gradient aggregator {name} (it aggregates each batch's task gradients); use a "
+            f"larger data.batch_size or a loss weighting balancer."
+        )
+    if str(trainer_cfg.get("precision")) in ("16-mixed", "16", "16-true"):
+        raise ValueError(
+            f"trainer.precision={trainer_cfg.precision} (fp16 with loss scaling) is not supported with "
+            f"the gradient aggregator {name} yet; use trainer.precision=bf16-mixed or 32-true."
+        )
+
+
 def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
     """Everything a run needs, from a composed config (used by ``mtl-train`` and the tests)."""
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -54,7 +87,18 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
 
     def make_module(model, stage):
-        return default_module(model, stage, optimizer=optimizer, scheduler=scheduler)
+        bcfg = balancer_config(stage.balancer, where=f"schedule.stages.{stage.name}.balancer") or cfg.get("balancer")
+        num_tasks = len(stage.tasks) + len([s for s in stage.source_tasks if s not in stage.tasks])
+        kwargs = {}
+        if bcfg:
+            kwargs["balancer"] = instantiate(bcfg.method, num_tasks=num_tasks, _convert_="all")
+            kwargs["balancer_space"] = bcfg.get("space", "params")
+            kwargs["jacobian_method"] = bcfg.get("jacobian", "auto")
+            kwargs["chunk_size"] = bcfg.get("chunk_size")
+            if isinstance(kwargs["balancer"], GradientAggregator):
+                check_trainer_for_aggregator(cfg.trainer, bcfg)
+                kwargs["gradient_clip_val"] = cfg.trainer.get("gradient_clip_val")
+        return default_module(model, stage, optimizer=optimizer, scheduler=scheduler, **kwargs)
 
     def make_trainer(stage, stage_dir, callbacks, max_epochs):
         loggers = [
@@ -62,6 +106,8 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
         ]
         extra = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb]
         overrides = {"max_epochs": max_epochs} if max_epochs is not None else {}
+        if is_aggregator(stage):  # clipping moves into the module under manual optimization
+            overrides["gradient_clip_val"] = None
         return instantiate(
             cfg.trainer,
             default_root_dir=str(stage_dir),
@@ -69,6 +115,11 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
             logger=loggers or False,
             **overrides,
         )
+
+    def is_aggregator(stage) -> bool:
+        bcfg = balancer_config(stage.balancer, where="") or cfg.get("balancer")
+        target = str(bcfg.method.get("_target_", "")) if bcfg else ""
+        return target.rsplit(".", 1)[-1] in AGGREGATOR_NAMES
 
     stages = stages_from_dict(OmegaConf.to_container(cfg.schedule.stages, resolve=True))
     return ScheduleRunner(

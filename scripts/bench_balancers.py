@@ -19,8 +19,8 @@ writing ``.grad`` + ``optimizer.step()``. Methods:
   written back (the reference of ``ratio_vs_loop_baseline``).
 * every gradient aggregator of ``mtl.balancing.aggregators`` in both spaces (``params``: Jacobian
   over the shared parameters; ``representation``: over the backbone's pooled output), with the
-  engine's default ``method="auto"`` (loop on CPU, batched on CUDA); heads get the gradient of the
-  summed loss.
+  engine's default ``method="auto"`` (``--jacobian-method`` to force ``loop`` or ``batched``); heads
+  get the gradient of the summed loss.
 * every loss weighting of ``mtl.balancing.weightings`` (``params`` only: one backward of the
   weighted loss; GradNorm gets the last conv layer's weight; weightings that need the losses after
   the step recompute them, which counts in their time).
@@ -87,6 +87,7 @@ from mtl.balancing.jacobian import (  # noqa: E402
 )
 
 BATCH = 32
+JACOBIAN_METHOD = "auto"
 CLASSES = 10
 
 
@@ -150,7 +151,7 @@ def aggregator_step(agg, space):
             opt.zero_grad(set_to_none=True)
             losses, rep = task_losses(model, x, y)
             inputs = shared if space == "params" else [rep]
-            J = task_jacobian(losses, inputs)
+            J = task_jacobian(losses, inputs, method=JACOBIAN_METHOD)
             g = agg(J, losses.detach())
             torch.autograd.backward(losses.sum(), inputs=heads)
             if space == "params":
@@ -287,7 +288,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU, see above)"
     )
+    parser.add_argument("--jacobian-method", default="auto", choices=["auto", "loop", "batched"])
     args = parser.parse_args(argv)
+    global JACOBIAN_METHOD
+    JACOBIAN_METHOD = args.jacobian_method
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -302,7 +306,7 @@ def main(argv=None) -> None:
     steps = args.steps or (8 if args.quick else 20)
     warmup = args.warmup or (2 if args.quick else 3)
     print(
-        f"# device={device} jacobian_method={resolve_method('auto', device)} tasks={task_counts} "
+        f"# device={device} jacobian_method={resolve_method(JACOBIAN_METHOD, device)} tasks={task_counts} "
         f"warmup={warmup} steps={steps} threads={torch.get_num_threads()} torch={torch.__version__}",
         file=sys.stderr,
     )

@@ -38,10 +38,28 @@ How rows are computed (``method``):
   ``[chunk]`` dimension), so ``chunk_size`` bounds it. If the batched call raises (an op without a
   batching rule, a custom ``autograd.Function`` whose backward is not vmap-compatible), the engine
   warns once per process and computes the remaining rows with the loop.
-* ``auto``: ``loop`` on CPU, ``batched`` elsewhere (CUDA). On CPU the two do the same arithmetic and
-  the vmap machinery only adds overhead: a probe on the benchmark CNN (``scripts/bench_balancers.py``)
-  found the loop faster there, in both spaces. On GPUs the loop is dominated by kernel-launch
-  latency of many small backward passes, which batching removes.
+* ``auto``: currently ``loop`` on every device, because that is what measured faster once the loop
+  starts each row from the task's own loss (see below). ``scripts/bench_balancers.py`` and a probe
+  of ``task_jacobian`` alone on its CNN (batch 32, 64-d representation, linear heads), median ms:
+
+  ========================  =========  ============  ==========  ==============
+  where                      rep loop   rep batched   param loop  param batched
+  ========================  =========  ============  ==========  ==============
+  CPU, 1 thread, T=10          0.22        0.63          17           35
+  CPU, 1 thread, T=40          0.86        7.7           65          164
+  H100, T=10                   1.9         4.3           10.9          8.3
+  H100, T=40                   7.5        34             39           65
+  ========================  =========  ============  ==========  ==============
+
+  The batched backward runs every op under ``vmap`` (dispatcher overhead on the host per op) and,
+  since the losses are stacked, pushes a ``[chunk]``-batched gradient through *every* head for
+  every row (``O(T^2)`` head work); only a large backbone in the params space at small ``T`` gains
+  from its fewer, larger kernels. Pass ``method="batched"`` explicitly where it measures faster.
+
+When ``losses`` was built by ``torch.stack`` of per-task scalars (the usual case), the loop starts
+each row's backward at loss ``t``'s own graph edge rather than at ``losses[t]``: differentiating
+``losses[t]`` would go through the stack's backward, which hands a zero gradient to every other
+task and so runs all ``T`` heads' backward for every row.
 
 DDP: see :func:`reduce_jacobian` (params space) and :func:`gather_representation_jacobian`
 (representation space). Mixed precision: see :func:`unscale`.
@@ -78,13 +96,14 @@ _warned_batched_fallback = False
 def resolve_method(method: str, device: torch.device | str) -> str:
     """The concrete method (``loop`` or ``batched``) that ``method`` means on ``device``.
 
-    ``auto`` is ``loop`` on CPU and ``batched`` on any other device (see the module docstring).
+    ``auto`` is ``loop`` on every device for now: measured faster on CPU and on an H100 in both
+    spaces except the params space at small ``T`` on the GPU (table in the module docstring).
+    ``device`` is taken so that the rule can depend on it again without changing callers.
     """
     if method not in METHODS:
         raise ValueError(f"Jacobian method must be one of {METHODS}, got '{method}'.")
-    if method != "auto":
-        return method
-    return "loop" if torch.device(device).type == "cpu" else "batched"
+    torch.device(device)  # validates the argument
+    return "loop" if method == "auto" else method
 
 
 def task_jacobian(

@@ -50,7 +50,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The model weights in a Lightning checkpoint or a plain ``state_dict`` file.
 
     Lightning checkpoints hold ``state_dict`` with keys prefixed ``model.`` (the attribute of
-    :class:`~mtl.module.MultiTaskModule`); the prefix is stripped.
+    :class:`~mtl.module.MultiTaskModule`); only those are read (a balancer's state is not model
+    weights) and the prefix is stripped.
     """
     path = Path(path)
     if not path.is_file():
@@ -60,10 +61,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         )
     obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
+    if isinstance(state, Mapping) and any(k.startswith("model.") for k in state):
+        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"'{path}' holds neither a Lightning checkpoint nor a state_dict of tensors.")
-    if state and all(k.startswith("model.") for k in state):
-        state = {k[len("model.") :]: v for k, v in state.items()}
     return dict(state)
 
 

@@ -194,7 +194,7 @@ def test_arguments_are_checked():
     with pytest.raises(ValueError, match="loss"):
         task_jacobian([], [a])
     assert resolve_method("auto", "cpu") == "loop"
-    assert resolve_method("auto", "cuda") == "batched"
+    assert resolve_method("auto", "cuda") == "loop"  # measured faster there too (module docstring)
     assert resolve_method("batched", "cpu") == "batched"
 
 
@@ -409,7 +409,7 @@ def test_cuda_bf16_batched_matches_loop(space):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         losses, rep = model.losses(x, y)
     inputs = model.shared() if space == "params" else [rep]
-    J_auto = task_jacobian(losses, inputs)  # batched on CUDA
+    J_auto = task_jacobian(losses, inputs, method="batched", chunk_size=2)
     J_loop = task_jacobian(losses, inputs, method="loop")
     assert J_auto.device.type == "cuda"
     assert J_auto.dtype == (torch.float32 if space == "params" else torch.bfloat16)
