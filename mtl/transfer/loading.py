@@ -71,12 +71,19 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     """Copy the weights of ``path`` into ``model``: all shared weights, and heads where they fit.
 
-    Every non-head parameter and buffer of the model must be in the file with the same shape;
+    Every shared parameter and buffer of the model must be in the file with the same shape;
     otherwise a ``ValueError`` lists the missing, unexpected and mismatched keys (the backbone does
-    not fit). Heads are copied for tasks present in both; other heads stay as initialised.
+    not fit). Task-specific weights (heads, and the parts of a sharing structure named after a task,
+    such as ``sharing.gates.<task>``) are copied for tasks present in both and stay as initialised
+    for new tasks.
     """
     state = read_state_dict(path)
     own = model.state_dict()
+    tasks = set(getattr(model, "tasks", {}) or {})
+
+    def task_specific(key: str) -> bool:
+        return key.startswith(HEAD_PREFIX) or any(part in tasks for part in key.split(".")[:-1])
+
     report = LoadReport(source=str(path))
     for key, value in own.items():
         if key not in state:
@@ -86,8 +93,8 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
         else:
             report.loaded.append(key)
     report.unexpected = [k for k in state if k not in own]
-    bad_missing = [k for k in report.missing if not k.startswith(HEAD_PREFIX)]
-    bad_shape = [k for k in report.mismatched if not k.startswith(HEAD_PREFIX)]
+    bad_missing = [k for k in report.missing if not task_specific(k)]
+    bad_shape = [k for k in report.mismatched if not task_specific(k)]
     if bad_missing or bad_shape:
         shared_unexpected = [k for k in report.unexpected if not k.startswith(HEAD_PREFIX)]
         lines = [f"The shared weights in '{path}' do not fit this model's backbone/sharing."]
