@@ -218,8 +218,16 @@ class MultiTaskModule(pl.LightningModule):
             shared = self._last_shared_parameters() if self.balancer.needs_shared_parameters else None
             total, weights = self.balancer.weighted_loss(vec, shared_parameters=shared)
             self._log_weights(weights)
+        reg = self._sharing_regularization()
+        if reg is not None:
+            total = total + reg
         self.log("train/loss", total.detach(), on_step=False, on_epoch=True, prog_bar=True)
         return total
+
+    def _sharing_regularization(self) -> Tensor | None:
+        """The sharing structure's own loss term (DSelect-k's gate regularizer), if it has one."""
+        fn = getattr(self.model.sharing, "regularization", None)
+        return fn() if callable(fn) else None
 
     # ------------------------------------------------------------------ objective sharing
     def _last_shared_parameters(self) -> list[Tensor]:
@@ -276,7 +284,11 @@ class MultiTaskModule(pl.LightningModule):
         own = [p for p in self.model.parameters() if p.requires_grad and id(p) not in shared_ids]
         # heads (and task-specific sharing parts) get their own task's gradient: d(sum_t L_t)/d theta_t
         if own:
-            torch.autograd.backward(vec.sum(), inputs=own, retain_graph=self.balancer_space == "representation")
+            own_loss = vec.sum()
+            reg = self._sharing_regularization()  # acts on task-specific parts (gates) only
+            if reg is not None and reg.requires_grad:
+                own_loss = own_loss + reg
+            torch.autograd.backward(own_loss, inputs=own, retain_graph=self.balancer_space == "representation")
         if self.balancer_space == "representation":
             sizes = [r.numel() for r in reps]
             for rep, piece in zip(reps, torch.split(g, sizes)):

@@ -18,7 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.balancing import GradientAggregator, aggregators
 from mtl.report import print_results
-from mtl.schedule import Builders, ScheduleRunner, default_module, lookup_metric, stages_from_dict
+from mtl.schedule import (
+    Builders,
+    ScheduleRunner,
+    default_module,
+    lookup_metric,
+    single_task_stages,
+    stages_from_dict,
+)
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf") if (Path(__file__).resolve().parent / "conf").is_dir() \
     else str(Path(__file__).resolve().parents[1] / "conf")
@@ -122,12 +129,20 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
         return target.rsplit(".", 1)[-1] in AGGREGATOR_NAMES
 
     stages = stages_from_dict(OmegaConf.to_container(cfg.schedule.stages, resolve=True))
+    extra = {}
+    baseline = (cfg.get("baseline") or {}).get("name")
+    if baseline == "single_task":
+        stages = single_task_stages(stages, list(datamodule.tasks))
+        extra["baseline"] = "single_task"
+    elif baseline:
+        raise ValueError(f"baseline.name must be 'single_task' or null, got '{baseline}'.")
     return ScheduleRunner(
         stages,
         datamodule,
         Builders(model=make_model, trainer=make_trainer, module=make_module),
         run_dir=run_dir,
         config=OmegaConf.to_container(cfg, resolve=True),
+        extra=extra,
     )
 
 

@@ -120,3 +120,21 @@ def test_module_rejects_unknown_task():
     model = MultiTaskModel(MLP(in_features=4, hidden=[8]), [Task("a", num_classes=2)])
     with pytest.raises(ValueError, match=r"no head for task\(s\) \['zz'\]"):
         MultiTaskModule(model, tasks=["zz"])
+
+
+def test_dselect_k_regularization_enters_the_loss():
+    from functools import partial
+
+    from mtl.sharing import DSelectK
+
+    torch.manual_seed(0)
+    tasks = [Task("a", num_classes=3), Task("b", kind="regression")]
+    model = MultiTaskModel(MLP(in_features=8, hidden=[16]), tasks, sharing=partial(DSelectK, num_experts=3, k=2, entropy_reg=1.0))
+    module = MultiTaskModule(model)
+    batch = next(iter(DataLoader(TwoTaskData(16), batch_size=16)))
+    module.train()
+    plain = module.combine(module.task_losses(batch, None))
+    reg = model.sharing.regularization()
+    assert reg.item() > 0  # 3 experts is not a power of 2: the unreachable-expert term is positive
+    module.log = lambda *a, **k: None
+    assert module.training_step(batch, 0).item() == pytest.approx((plain + reg).item(), rel=1e-5)

@@ -110,3 +110,11 @@ def test_init_checkpoint_with_another_backbone_lists_keys(make_cfg, tmp_path):
     other = make_cfg("schedule=multitask", f"schedule.stages.train.init={ckpt}", "paths.output_dir=" + str(tmp_path / "run2"))
     with pytest.raises(ValueError, match=r"do not fit(.|\n)*missing keys(.|\n)*unexpected keys"):
         train(other)
+
+
+def test_single_task_baseline_expands_stages(make_cfg, tmp_path):
+    _, results = train(make_cfg("schedule=combined", "baseline=single_task", "schedule.stages.finetune.max_epochs=1"))
+    assert results["baseline"] == "single_task"
+    assert list(results["stages"]) == ["pretrain-left", "pretrain-right", "finetune-sum"]
+    for name, stage in results["stages"].items():
+        assert len(stage["target_tasks"]) == 1 and stage["source_tasks"] == [] and len(stage["tasks"]) == 1

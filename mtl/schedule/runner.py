@@ -97,6 +97,7 @@ class ScheduleRunner:
         run_dir: where everything is written; running again in it resumes.
         config: the resolved config, stored in ``results.json``.
         log: where progress messages go.
+        extra: more top-level entries of ``results.json`` (e.g. ``{"baseline": "single_task"}``).
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class ScheduleRunner:
         run_dir: str | Path,
         config: Any = None,
         log: Callable[[str], None] = print,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         if not stages:
             raise ValueError("schedule.stages is empty; a schedule needs at least one stage.")
@@ -116,6 +118,7 @@ class ScheduleRunner:
         self.run_dir = Path(run_dir)
         self.config = config
         self.log = log
+        self.extra = dict(extra or {})
         self._check_tasks()
 
     def _check_tasks(self) -> None:
@@ -224,6 +227,7 @@ class ScheduleRunner:
             previous = self.run_stage(stage, previous)
             results[stage.name] = previous
         summary = {
+            **self.extra,
             "stages": results,
             "wall_time_s": round(time.perf_counter() - start, 2),
             "config_hash": config_hash(self.config),

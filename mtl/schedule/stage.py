@@ -93,3 +93,20 @@ def stages_from_dict(stages: Mapping[str, Mapping[str, Any]] | None) -> list[Sta
     if not out:
         raise ValueError("schedule.stages is empty; a schedule needs at least one stage.")
     return out
+
+
+def single_task_stages(stages: list[Stage], all_tasks: list[str]) -> list[Stage]:
+    """The single-task baseline of a schedule: every stage becomes one stage per target task.
+
+    Stage ``<name>`` with targets ``[a, b]`` becomes ``<name>-a`` and ``<name>-b``, each training
+    its one task alone (no source tasks) from fresh weights (or the stage's checkpoint path), with
+    the stage's epochs, learning rate and freezing: the same backbone and budget as the multi-task
+    run, one model per task.
+    """
+    out = []
+    for stage in stages:
+        for task in stage.tasks or all_tasks:
+            init = stage.init if stage.init not in ("fresh", "previous") else "fresh"
+            spec = {**stage.__dict__, "name": f"{stage.name}-{task}", "tasks": [task], "source_tasks": [], "init": init}
+            out.append(Stage(**spec))
+    return out
