@@ -289,6 +289,7 @@ class MultiTaskModule(pl.LightningModule):
             if reg is not None and reg.requires_grad:
                 own_loss = own_loss + reg
             torch.autograd.backward(own_loss, inputs=own, retain_graph=self.balancer_space == "representation")
+            all_reduce_gradients(own, average=True)  # what DDP would do; its own hooks are off
         if self.balancer_space == "representation":
             sizes = [r.numel() for r in reps]
             for rep, piece in zip(reps, torch.split(g, sizes)):
@@ -302,6 +303,13 @@ class MultiTaskModule(pl.LightningModule):
         total = vec.detach().sum()
         self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True)
         return total
+
+    def on_train_start(self) -> None:
+        # An aggregator reduces across ranks itself (the Jacobian, then the gradients it writes),
+        # so DDP's gradient hooks, which expect one ordinary backward, are switched off.
+        wrapped = getattr(self.trainer.strategy, "model", None)
+        if not self.automatic_optimization and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            wrapped.require_backward_grad_sync = False
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if isinstance(self.balancer, LossWeighting) and self.balancer.needs_losses_after_step:

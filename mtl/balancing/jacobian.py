@@ -423,8 +423,10 @@ def gather_representation_jacobian(
     return J_global, slice(start, start + P)
 
 
-def all_reduce_gradients(params: Sequence[Tensor]) -> None:
-    """Sum the ``.grad`` of ``params`` across ranks in place (no-op when not distributed).
+def all_reduce_gradients(params: Sequence[Tensor], average: bool = False) -> None:
+    """Sum (or with ``average``, average) the ``.grad`` of ``params`` across ranks in place
+    (no-op when not distributed). Averaging is what DDP does to the gradients of local mean losses,
+    e.g. the heads' gradients when the module bypasses DDP's own reduction.
 
     For the representation space under DDP without DDP's own gradient hooks (see
     :func:`gather_representation_jacobian`). Parameters without ``.grad`` are skipped, so every
@@ -438,6 +440,8 @@ def all_reduce_gradients(params: Sequence[Tensor]) -> None:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    if average:
+        flat.div_(world)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
