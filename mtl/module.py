@@ -23,6 +23,7 @@ from mtl.balancing.jacobian import (
     reduce_jacobian,
     representation_backward,
     task_jacobian,
+    unscale,
     write_gradient,
 )
 from mtl.balancing.weighting import LossWeighting
@@ -253,8 +254,19 @@ class MultiTaskModule(pl.LightningModule):
                 for j in range(i + 1, len(self.task_names)):
                     self.log(f"train/cos/{a}/{self.task_names[j]}", cos[i, j], on_step=False, on_epoch=True)
 
+    def _loss_scaler(self):
+        """The fp16 GradScaler of Lightning's precision plugin, or None (fp32, bf16)."""
+        trainer = getattr(self, "_trainer", None)
+        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+
     def _aggregated_step(self, batch) -> Tensor:
-        """One step of a gradient aggregator: Jacobian, aggregation, per-task head gradients."""
+        """One step of a gradient aggregator: Jacobian, aggregation, per-task head gradients.
+
+        Under fp16 mixed precision the losses are multiplied by the GradScaler's scale before
+        differentiating; the aggregator sees the unscaled float32 Jacobian, the gradients are
+        written scaled, and the scaler's step unscales them and skips the step after an overflow
+        (an overflowing Jacobian poisons the update with inf so that the scaler sees it).
+        """
         optimizer = self.optimizers()
         reps: list[Tensor] = []
         losses = self.task_losses(batch, "train", reps)
@@ -269,7 +281,24 @@ class MultiTaskModule(pl.LightningModule):
             inputs = reps
         else:
             inputs = shared
-        J = task_jacobian(vec, inputs, method=self.jacobian_method, chunk_size=self.chunk_size)
+        scaler = self._loss_scaler()
+        scale = None
+        if scaler is not None:
+            if self.gradient_clip_val:
+                raise ValueError(
+                    "Gradient clipping with fp16 mixed precision and a gradient aggregator is not "
+                    "supported; use trainer.precision=bf16-mixed or unset trainer.gradient_clip_val."
+                )
+            scaled = scaler.scale(vec)  # also initialises the scale on the first step
+            get = getattr(scaler, "_get_scale_async", None)  # a tensor: no host sync
+            scale = get() if callable(get) else torch.tensor(scaler.get_scale(), device=vec.device)
+            scale = scale.to(vec.device).float()
+        else:
+            scaled = vec
+        J = task_jacobian(scaled, inputs, method=self.jacobian_method, chunk_size=self.chunk_size)
+        finite = None
+        if scale is not None:
+            J, finite = unscale(J, scale, zero_nonfinite=True)
         if self.balancer_space == "params":
             J = reduce_jacobian(J)
             g = self.balancer(J, vec.detach())
@@ -277,6 +306,8 @@ class MultiTaskModule(pl.LightningModule):
             J_global, mine = gather_representation_jacobian(J)
             g = self.balancer(J_global, vec.detach())[mine]
             J = J_global
+        if scale is not None:
+            g = torch.where(finite, g * scale, torch.full_like(g, float("inf")))
         self._log_weights(self.balancer.last_weights)
         self._log_gradients(J)
         optimizer.zero_grad()
@@ -284,10 +315,10 @@ class MultiTaskModule(pl.LightningModule):
         own = [p for p in self.model.parameters() if p.requires_grad and id(p) not in shared_ids]
         # heads (and task-specific sharing parts) get their own task's gradient: d(sum_t L_t)/d theta_t
         if own:
-            own_loss = vec.sum()
+            own_loss = scaled.sum()
             reg = self._sharing_regularization()  # acts on task-specific parts (gates) only
             if reg is not None and reg.requires_grad:
-                own_loss = own_loss + reg
+                own_loss = own_loss + (reg * scale if scale is not None else reg)
             torch.autograd.backward(own_loss, inputs=own, retain_graph=self.balancer_space == "representation")
             all_reduce_gradients(own, average=True)  # what DDP would do; its own hooks are off
         if self.balancer_space == "representation":

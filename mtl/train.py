@@ -72,11 +72,6 @@ def check_trainer_for_aggregator(trainer_cfg: DictConfig, bcfg: DictConfig) -> N
             f"with the gradient aggregator {name} (it aggregates each batch's task gradients); use a "
             f"larger data.batch_size or a loss weighting balancer."
         )
-    if str(trainer_cfg.get("precision")) in ("16-mixed", "16", "16-true"):
-        raise ValueError(
-            f"trainer.precision={trainer_cfg.precision} (fp16 with loss scaling) is not supported with "
-            f"the gradient aggregator {name} yet; use trainer.precision=bf16-mixed or 32-true."
-        )
 
 
 def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:

@@ -1,4 +1,4 @@
-"""GPU checks (skipped without CUDA): balancers under bf16 mixed precision through the module."""
+"""GPU checks (skipped without CUDA): balancers under bf16 and fp16 mixed precision through the module."""
 
 import functools
 
@@ -19,9 +19,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
     [(PCGrad, "params"), (UPGrad, "params"), (UPGrad, "representation"), (UW, "params"), (FAMO, "params")],
 )
 def test_bf16_balancers_train_on_gpu(make, space):
-    acc = {p: train_once(make, space, p) for p in ("32-true", "bf16-mixed")}
+    acc = {p: train_once(make, space, p) for p in ("32-true", "bf16-mixed", "16-mixed")}
     assert acc["32-true"] > 0.3  # chance is 0.1
-    assert acc["bf16-mixed"] > acc["32-true"] - 0.1  # bf16 trains about as well as float32
+    # mixed precision (bf16; fp16 with loss scaling) trains about as well as float32
+    assert acc["bf16-mixed"] > acc["32-true"] - 0.1
+    assert acc["16-mixed"] > acc["32-true"] - 0.1
 
 
 def train_once(make, space, precision, accelerator="gpu"):

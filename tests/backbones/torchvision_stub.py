@@ -66,3 +66,11 @@ def install_if_missing() -> bool:
         return False
     sys.meta_path.append(_StubFinder())
     return True
+
+
+def uninstall() -> None:
+    """Remove the stub and the stub modules (modules that imported them keep their references)."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _StubFinder)]
+    for name in [n for n, m in sys.modules.items() if n.split(".")[0] == "torchvision"]:
+        if getattr(sys.modules[name], "__stub__", False):
+            del sys.modules[name]

@@ -1,0 +1,294 @@
+"""Plots of runs and sweeps as PNG files (matplotlib, imported lazily, Agg backend).
+
+``mtl-plot <run_or_sweep_dir> [--tasks a b] [--metric acc] [--split val]`` writes, for every run
+under the directory, into ``<run>/plots/``:
+
+* ``<stage>_curves.png``: per task, train and val loss and the val metrics over epochs;
+* ``<stage>_weights.png``: the balancer's task weights over epochs (``train/weight/<task>``);
+* ``<stage>_cosine.png``: the task-gradient cosine matrix of the last epoch (``train/cos/<a>/<b>``,
+  logged by gradient aggregators);
+
+and, for a directory holding several runs, ``<dir>/plots/pareto_<a>_<b>.png``: every run's final
+metric of two tasks, with the Pareto front (the runs no other run beats on both) highlighted.
+Everything is read from ``<run>/stages/<stage>/metrics.csv`` and ``<run>/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from mtl.report import LOWER_IS_BETTER, find_runs, task_metrics
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------------------------------- reading
+def read_metrics(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """``{column: [(epoch, value), ...]}`` from a Lightning ``metrics.csv``, one point per epoch.
+
+    CSVLogger writes train and val values on separate rows; empty cells are skipped and several
+    rows of one epoch are averaged (per-step columns become per-epoch means).
+    """
+    sums: dict[str, dict[float, list[float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            epoch = row.get("epoch")
+            if epoch in (None, ""):
+                continue
+            for key, value in row.items():
+                if key in ("epoch", "step") or value in (None, ""):
+                    continue
+                try:
+                    v = float(value)
+                except ValueError:
+                    continue
+                sums.setdefault(key, {}).setdefault(float(epoch), []).append(v)
+    return {k: sorted((e, sum(v) / len(v)) for e, v in per.items()) for k, per in sums.items()}
+
+
+def _tasks_in(columns: Sequence[str]) -> list[str]:
+    tasks: list[str] = []
+    for c in columns:
+        parts = c.split("/")
+        if len(parts) == 3 and parts[0] in ("train", "val") and parts[1] not in ("weight", "cos", "grad_norm"):
+            if parts[1] not in tasks:
+                tasks.append(parts[1])
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------- per stage
+def plot_learning_curves(metrics: dict[str, list[tuple[float, float]]], out: Path, title: str = "") -> Path | None:
+    """Per task: train/val loss (left) and val metrics (right) against the epoch."""
+    tasks = _tasks_in(list(metrics))
+    if not tasks:
+        return None
+    # the runner re-validates the best checkpoint after fit, logged one epoch past the last one
+    train_epochs = [e for c, pts in metrics.items() if c.startswith("train/") for e, _ in pts]
+    last = max(train_epochs) if train_epochs else math.inf
+    metrics = {c: [(e, v) for e, v in pts if e <= last] for c, pts in metrics.items()}
+    plt = _plt()
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 2.8 * len(tasks)), squeeze=False)
+    for row, task in enumerate(tasks):
+        ax_loss, ax_metric = axes[row]
+        for split in ("train", "val"):
+            points = metrics.get(f"{split}/{task}/loss")
+            if points:
+                ax_loss.plot(*zip(*points), marker="o", ms=3, label=f"{split} loss")
+        names = sorted({c.split("/")[2] for c in metrics if c.startswith(f"val/{task}/") and not c.endswith("/loss")})
+        for name in names:
+            ax_metric.plot(*zip(*metrics[f"val/{task}/{name}"]), marker="o", ms=3, label=f"val {name}")
+        ax_loss.set_title(f"{task}: loss")
+        ax_metric.set_title(f"{task}: val metrics")
+        for ax in (ax_loss, ax_metric):
+            ax.set_xlabel("epoch")
+            if ax.lines:
+                ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_task_weights(metrics: dict[str, list[tuple[float, float]]], out: Path, title: str = "") -> Path | None:
+    """The balancer's weight of each task (``train/weight/<task>``) against the epoch."""
+    columns = sorted(c for c in metrics if c.startswith("train/weight/"))
+    if not columns:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for c in columns:
+        ax.plot(*zip(*metrics[c]), marker="o", ms=3, label=c.split("/", 2)[2])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("task weight")
+    ax.set_title(title or "task weights")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def cosine_matrix(metrics: dict[str, list[tuple[float, float]]]) -> tuple[list[str], list[list[float]]] | None:
+    """``(tasks, matrix)`` of the last epoch's pairwise task-gradient cosines (1 on the diagonal)."""
+    pairs = {}
+    for c, points in metrics.items():
+        parts = c.split("/")
+        if len(parts) == 4 and parts[:2] == ["train", "cos"] and points:
+            pairs[(parts[2], parts[3])] = points[-1][1]
+    if not pairs:
+        return None
+    tasks: list[str] = []
+    for a, b in pairs:
+        for t in (a, b):
+            if t not in tasks:
+                tasks.append(t)
+    index = {t: i for i, t in enumerate(tasks)}
+    matrix = [[1.0 if i == j else math.nan for j in range(len(tasks))] for i in range(len(tasks))]
+    for (a, b), v in pairs.items():
+        matrix[index[a]][index[b]] = matrix[index[b]][index[a]] = v
+    return tasks, matrix
+
+
+def plot_cosine_heatmap(metrics: dict[str, list[tuple[float, float]]], out: Path, title: str = "") -> Path | None:
+    """Heatmap of the task-gradient cosines at the last epoch (``train/cos/<a>/<b>``)."""
+    found = cosine_matrix(metrics)
+    if found is None:
+        return None
+    tasks, matrix = found
+    plt = _plt()
+    n = len(tasks)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.2 * n + 1.5))
+    image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(n), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(n), tasks)
+    for i in range(n):
+        for j in range(n):
+            if not math.isnan(matrix[i][j]):
+                ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=9)
+    fig.colorbar(image, ax=ax, label="cosine")
+    ax.set_title(title or "task-gradient cosine (last epoch)")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Every per-stage plot of one run into ``<run>/plots/``; returns the files written."""
+    run_dir = Path(run_dir)
+    written: list[Path] = []
+    for csv_path in sorted((run_dir / "stages").glob("*/metrics.csv")):
+        stage = csv_path.parent.name
+        metrics = read_metrics(csv_path)
+        out = run_dir / "plots"
+        for fn, suffix in ((plot_learning_curves, "curves"), (plot_task_weights, "weights"), (plot_cosine_heatmap, "cosine")):
+            path = fn(metrics, out / f"{stage}_{suffix}.png", title=f"{run_dir.name} / {stage}")
+            if path is not None:
+                written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------- sweeps
+def pareto_front(points: Sequence[tuple[float, float]], maximize: tuple[bool, bool] = (True, True)) -> list[int]:
+    """Indices of the points no other point dominates (at least as good on both, better on one)."""
+    sign = [1.0 if m else -1.0 for m in maximize]
+    p = [(sign[0] * x, sign[1] * y) for x, y in points]
+    front = []
+    for i, (x, y) in enumerate(p):
+        dominated = any(
+            (x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(p) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def plot_pareto(
+    sweep_dir: str | Path,
+    tasks: Sequence[str] | None = None,
+    metric: str | None = None,
+    split: str = "val",
+    out: Path | None = None,
+) -> Path | None:
+    """Scatter of two tasks' final metric over every run under ``sweep_dir``, Pareto front joined."""
+    runs = [r for r in find_runs([sweep_dir]) if r.ok]
+    per_run = [(r, task_metrics(r.results, split)) for r in runs]
+    if tasks is None:
+        seen: list[str] = []
+        for _, tm in per_run:
+            for t in tm:
+                if t not in seen:
+                    seen.append(t)
+        tasks = seen[:2]
+    if len(tasks) != 2:
+        return None
+    a, b = tasks
+    points, labels = [], []
+    for run, tm in per_run:
+        ma = _pick_metric(tm.get(a, {}), metric)
+        mb = _pick_metric(tm.get(b, {}), metric)
+        if ma is None or mb is None:
+            continue
+        points.append((tm[a][ma], tm[b][mb]))
+        labels.append(run.path.name)
+        names = (ma, mb)
+    if len(points) < 2:
+        return None
+    maximize = (names[0] not in LOWER_IS_BETTER, names[1] not in LOWER_IS_BETTER)
+    front = pareto_front(points, maximize)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter(*zip(*points), c="lightgray", edgecolors="gray", label="runs")
+    fp = sorted((points[i] for i in front), key=lambda p: p[0])
+    ax.plot(*zip(*fp), "o-", color="tab:red", label="Pareto front")
+    for i in front:
+        ax.annotate(labels[i], points[i], textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"{a} {split} {names[0]}")
+    ax.set_ylabel(f"{b} {split} {names[1]}")
+    ax.set_title(f"{Path(sweep_dir).name}: {len(points)} runs, {len(front)} on the front")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = out or Path(sweep_dir) / "plots" / f"pareto_{a}_{b}.png"
+    return _save(fig, out)
+
+
+def _pick_metric(metrics: dict[str, float], wanted: str | None) -> str | None:
+    if wanted:
+        return wanted if wanted in metrics else None
+    for name in ("acc", "auroc", "mae", "rmse", "f1"):
+        if name in metrics:
+            return name
+    rest = [m for m in metrics if m != "loss"]
+    return rest[0] if rest else None
+
+
+def _save(fig: Any, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    _plt().close(fig)
+    return out
+
+
+def plot_dir(path: str | Path, tasks: Sequence[str] | None = None, metric: str | None = None, split: str = "val") -> list[Path]:
+    """Per-run plots of every run under ``path`` and, for several runs, the Pareto front."""
+    path = Path(path)
+    written: list[Path] = []
+    runs = find_runs([path])
+    for run in runs:
+        written += plot_run(run.path)
+    if sum(r.ok for r in runs) > 1:
+        pareto = plot_pareto(path, tasks, metric, split)
+        if pareto is not None:
+            written.append(pareto)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mtl-plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", type=Path, help="a run directory or a sweep directory")
+    parser.add_argument("--tasks", nargs=2, default=None, help="the two tasks of the Pareto plot (default: the first two)")
+    parser.add_argument("--metric", default=None, help="metric of the Pareto plot (default: the task's primary)")
+    parser.add_argument("--split", default="val", choices=("val", "test"))
+    args = parser.parse_args(argv)
+    if not args.path.exists():
+        parser.error(f"{args.path} does not exist")
+    written = plot_dir(args.path, args.tasks, args.metric, args.split)
+    if not written:
+        parser.error(f"nothing to plot under {args.path} (no stages/*/metrics.csv: was logger=csv used?)")
+    for p in written:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
