@@ -264,8 +264,11 @@ def plot_dir(path: str | Path, tasks: Sequence[str] | None = None, metric: str |
     path = Path(path)
     written: list[Path] = []
     runs = find_runs([path])
-    for run in runs:
-        written += plot_run(run.path)
+    dirs = [r.path for r in runs]
+    if (path / "stages").is_dir() and path.resolve() not in dirs:
+        dirs.insert(0, path)  # a run directory without results.json or .hydra/ (library use)
+    for run_dir in dirs:
+        written += plot_run(run_dir)
     if sum(r.ok for r in runs) > 1:
         pareto = plot_pareto(path, tasks, metric, split)
         if pareto is not None:

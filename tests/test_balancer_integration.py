@@ -122,3 +122,28 @@ def test_stage_balancer_and_trainer_checks(make_cfg):
         train(make_cfg("schedule=multitask", "balancer=upgrad", "trainer.accumulate_grad_batches=2"))
     with pytest.raises(ValueError, match="no balancer preset 'nope'"):
         train(make_cfg("schedule=multitask", "schedule.stages.train.balancer=nope"))
+
+
+def test_aggregator_honours_clipping_and_epoch_scheduler(data):
+    """Manual optimization still clips gradients and steps an epoch-interval LR scheduler."""
+    m = model(data)
+    opt = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    sched = lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)  # noqa: E731
+    module = MultiTaskModule(m, optimizer=opt, scheduler=sched, balancer=build("upgrad"), gradient_clip_val=1e-3)
+    seen = []
+    original = module._step_with_freeze
+
+    def spy(optimizer, closure):
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        original(optimizer, closure)
+
+    module._step_with_freeze = spy
+    trainer = pl.Trainer(
+        max_epochs=2, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    assert len(seen) == 4 and max(seen) <= 1e-3 * (1 + 1e-4)  # clipped to the configured norm
+    lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+    assert lrs == pytest.approx([0.1 * 0.5**2] * len(lrs))  # stepped once per epoch

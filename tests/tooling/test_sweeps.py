@@ -101,4 +101,4 @@ def test_optuna_multi_objective_gives_a_pareto_front(tmp_path):
     assert summary.n_complete == 3 and list(summary.directions) == ["maximize", "maximize"]
     assert 1 <= len(summary.best_trials) <= 3
     assert all(len(t["values"]) == 2 for t in summary.best_trials)
-    assert {"data.tasks.left.weight", "optimizer.lr"} <= set(summary.best_trials[0]["params"])
+    assert {"++data.tasks.left.weight", "optimizer.lr"} <= set(summary.best_trials[0]["params"])
