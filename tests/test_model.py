@@ -66,3 +66,18 @@ def test_load_weights_backbone_mismatch_lists_keys(tmp_path):
         load_weights(wide, tmp_path / "w.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_weights(dst, tmp_path / "nope.ckpt")
+
+
+def test_load_weights_with_key_map(tmp_path):
+    from mtl.transfer.loading import map_keys
+
+    src = MultiTaskModel(MLP(in_features=8, hidden=[16]), [Task("a", num_classes=3)])
+    foreign = {"module.encoder." + k[len("sharing.backbone."):]: v for k, v in src.state_dict().items() if k.startswith("sharing.backbone.")}
+    torch.save(foreign, tmp_path / "foreign.pt")
+    dst = MultiTaskModel(MLP(in_features=8, hidden=[16]), [Task("b", num_classes=2)])
+    with pytest.raises(ValueError, match="init_key_map"):
+        load_weights(dst, tmp_path / "foreign.pt")
+    report = load_weights(dst, tmp_path / "foreign.pt", {"module.encoder.": "sharing.backbone."})
+    assert torch.equal(dst.backbone.stages[0][1].weight, src.backbone.stages[0][1].weight)
+    assert report.unexpected == [] and all(k.startswith("heads.") for k in report.missing)
+    assert list(map_keys({"module.x": 1, "y": 2}, {"module.": ""})) == ["x", "y"]

@@ -151,7 +151,7 @@ class ScheduleRunner:
                 )
         else:
             path = stage.init
-        report = load_weights(model, path)
+        report = load_weights(model, path, stage.init_key_map)
         self.log(f"[{stage.name}] init from {path}: {report.summary()}")
 
     def run_stage(self, stage: Stage, previous: dict | None) -> dict[str, Any]:

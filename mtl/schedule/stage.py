@@ -25,6 +25,8 @@ class Stage:
         lr: learning rate (None: the optimizer's).
         init: ``fresh`` (new weights), ``previous`` (the previous stage's best checkpoint) or a
             path to a Lightning checkpoint or ``state_dict`` file.
+        init_key_map: ``{old_prefix: new_prefix}`` renaming the keys of the ``init`` file (an
+            empty new prefix strips the old one).
         freeze: ``none``, ``backbone`` (frozen throughout: a linear probe of the heads) or
             ``probe_then_full`` (frozen for ``probe_epochs`` epochs, then everything trains).
         probe_epochs: epochs with the backbone frozen under ``probe_then_full``.
@@ -40,6 +42,7 @@ class Stage:
     max_epochs: int | None = None
     lr: float | None = None
     init: str = "fresh"
+    init_key_map: dict[str, str] = field(default_factory=dict)
     freeze: str = "none"
     probe_epochs: int = 1
     backbone_lr_scale: float = 1.0

@@ -68,16 +68,33 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
+def map_keys(state: Mapping[str, Tensor], key_map: Mapping[str, str] | None) -> dict[str, Tensor]:
+    """Rename key prefixes: ``{"encoder.": "sharing.backbone."}`` maps ``encoder.x`` to
+    ``sharing.backbone.x``; an empty target strips the prefix (``{"module.": ""}``). The first
+    matching prefix wins; keys matching none are kept as they are."""
+    if not key_map:
+        return dict(state)
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        for old, new in key_map.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    return out
+
+
+def load_weights(model: nn.Module, path: str | Path, key_map: Mapping[str, str] | None = None) -> LoadReport:
     """Copy the weights of ``path`` into ``model``: all shared weights, and heads where they fit.
 
     Every shared parameter and buffer of the model must be in the file with the same shape;
     otherwise a ``ValueError`` lists the missing, unexpected and mismatched keys (the backbone does
     not fit). Task-specific weights (heads, and the parts of a sharing structure named after a task,
     such as ``sharing.gates.<task>``) are copied for tasks present in both and stay as initialised
-    for new tasks.
+    for new tasks. ``key_map`` renames key prefixes of the file first (see :func:`map_keys`), for
+    weights saved by other code (``{"module.": ""}``, ``{"encoder.": "sharing.backbone."}``).
     """
-    state = read_state_dict(path)
+    state = map_keys(read_state_dict(path), key_map)
     own = model.state_dict()
     tasks = set(getattr(model, "tasks", {}) or {})
 
@@ -105,7 +122,10 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
         if bad_shape:
             shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in bad_shape[:10]]
             lines.append(f"  shape mismatches: {shapes}")
-        lines.append("  Use the same backbone and sharing config as the run that wrote the file.")
+        lines.append(
+            "  Use the same backbone and sharing config as the run that wrote the file, or map its "
+            "key prefixes with the stage's init_key_map (e.g. {'encoder.': 'sharing.backbone.'})."
+        )
         raise ValueError("\n".join(lines))
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
