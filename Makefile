@@ -1,11 +1,11 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   creates .venv if missing, installs mtl, runs the default experiment
-#   make test    creates .venv if missing, installs mtl with its dev extra, runs the tests
+#   make test    creates .venv if missing, installs mtl with its test extras, runs the tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: train test install clean
+.PHONY: train test install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,15 +15,26 @@ $(BIN)/python:
 # project's `torch>=2.3` never pulls a multi-GB build by accident
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e .
+	touch $@
+
+# the test extras: pytest, transformers (backbone=hf tests), and timm without its torchvision
+# dependency, which would replace this torch (the timm tests stub torchvision; real users install
+# mtl[timm] beside a torchvision that matches their torch)
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/python -m pip install -e ".[dev,hf]"
+	$(BIN)/python -m pip install --no-deps "timm>=1.0"
+	$(BIN)/python -m pip install pillow "huggingface_hub>=0.23" "safetensors>=0.4" pyyaml
 	touch $@
 
 install: $(VENV)/.installed
 
+install-dev: $(VENV)/.installed-dev
+
 train: install
 	$(BIN)/mtl-train $(ARGS)
 
-test: install
+test: install-dev
 	$(BIN)/python -m pytest -q $(ARGS)
 
 clean:
