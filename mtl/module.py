@@ -29,6 +29,12 @@ from mtl.balancing.jacobian import (
 from mtl.balancing.weighting import LossWeighting
 from mtl.model import MultiTaskModel
 from mtl.tasks import Task
+from mtl.transfer.alpha import alpha_at
+from mtl.transfer.policies import FineTunePolicy, LinearProbe, ProbeThenFull, backbone_blocks
+from mtl.transfer.regularizers import bss, delta, l2sp, lwf_distillation, snapshot
+
+#: ``frozen_epochs`` at or above this freezes the backbone for the whole stage
+ALWAYS_FROZEN = 10**9
 
 SPACES = ("params", "representation")
 #: pairwise gradient cosines are logged up to this many tasks
@@ -87,6 +93,17 @@ class MultiTaskModule(pl.LightningModule):
         chunk_size: rows per batched Jacobian call (None: all tasks at once).
         gradient_clip_val: gradient norm clipping for aggregators (Lightning clips automatically
             only under automatic optimization, so the entry point hands the trainer's value here).
+        policy: a :class:`~mtl.transfer.policies.FineTunePolicy` giving each backbone block's
+            learning-rate multiplier per epoch (0: frozen, with its normalisation statistics
+            fixed). None: ``frozen_epochs`` and ``backbone_lr_scale`` (probe, then all at a scale).
+        regularizers: ``{"l2sp": alpha, "bss": weight, "delta": weight}`` (0 or absent: off).
+        regularizer_options: ``l2sp_beta`` (weight of the heads' L2 under L2-SP, default 0.01) and
+            ``bss_k`` (singular values shrunk, default 1).
+        alpha_schedule, alpha_end: move ``alpha`` from its value to ``alpha_end`` across the stage
+            (``constant``, ``linear``, ``cosine``, ``step``), recomputed each epoch.
+        teacher: a frozen model whose outputs on ``distill_tasks`` are distilled with
+            ``distill_weight`` and ``temperature`` (LwF, Born-Again generations).
+        source_model: a frozen copy of the starting model whose stage features DELTA follows.
     """
 
     def __init__(
@@ -106,6 +123,16 @@ class MultiTaskModule(pl.LightningModule):
         jacobian_method: str = "auto",
         chunk_size: int | None = None,
         gradient_clip_val: float | None = None,
+        policy: FineTunePolicy | None = None,
+        regularizers: Mapping[str, float] | None = None,
+        regularizer_options: Mapping[str, Any] | None = None,
+        alpha_schedule: str = "constant",
+        alpha_end: float | None = None,
+        teacher: nn.Module | None = None,
+        distill_tasks: Sequence[str] = (),
+        distill_weight: float = 1.0,
+        temperature: float = 2.0,
+        source_model: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -123,8 +150,39 @@ class MultiTaskModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.lr = lr
-        self.frozen_epochs = int(frozen_epochs)
-        self.backbone_lr_scale = float(backbone_lr_scale)
+        if policy is None:
+            if int(frozen_epochs) >= ALWAYS_FROZEN:
+                policy = LinearProbe()
+            else:
+                policy = ProbeThenFull(probe_epochs=int(frozen_epochs), backbone_lr_scale=float(backbone_lr_scale))
+        self.policy = policy
+        self.blocks = backbone_blocks(model.backbone)
+        self.alpha_schedule = alpha_schedule
+        self.alpha_start = float(alpha)
+        self.alpha_end = float(alpha if alpha_end is None else alpha_end)
+        self.regularizers = {k: float(v) for k, v in (regularizers or {}).items() if v and k != "lwf"}
+        unknown = sorted(set(self.regularizers) - {"l2sp", "bss", "delta"})
+        if unknown:
+            raise ValueError(f"regularizers: unknown {unknown}; choose among l2sp, bss, delta (and lwf in a stage).")
+        self.regularizer_options = dict(regularizer_options or {})
+        if "l2sp" in self.regularizers:
+            # the starting weights, as buffers so that a resumed stage keeps pulling towards them
+            self._l2sp_params = [p for p in model.shared_parameters() if p.requires_grad]
+            for i, t in enumerate(snapshot(self._l2sp_params)):
+                self.register_buffer(f"l2sp_start_{i}", t)
+        if "delta" in self.regularizers and source_model is None:
+            raise ValueError("regularizers.delta needs the source model (the runner passes a frozen copy).")
+        self.source_model = source_model
+        self.teacher = teacher
+        self.distill_tasks = [str(t) for t in distill_tasks] if teacher is not None else []
+        missing = [t for t in self.distill_tasks if t not in model.tasks]
+        if missing:
+            raise ValueError(f"distill_tasks {missing} have no head in the model ({model.task_names}).")
+        self.distill_weight = float(distill_weight)
+        self.temperature = float(temperature)
+        for frozen in (teacher, source_model):
+            if frozen is not None:
+                frozen.requires_grad_(False)
         self.monitor = monitor
         if balancer is not None and not isinstance(balancer, (LossWeighting, GradientAggregator)):
             raise TypeError(
@@ -174,18 +232,29 @@ class MultiTaskModule(pl.LightningModule):
         return out
 
     def task_losses(
-        self, batch, split: str | None, representations: list[Tensor] | None = None
+        self,
+        batch,
+        split: str | None,
+        representations: list[Tensor] | None = None,
+        records: list[tuple[Tensor, dict[str, Tensor], Tensor | None]] | None = None,
     ) -> dict[str, Tensor]:
         """``{task: scalar loss}`` for this module's tasks present in the batch.
 
         Updates the ``split``'s metrics (none when ``split`` is None). When ``representations`` is
-        a list, the shared representation of every forward pass is appended to it.
+        a list, the shared representation of every forward pass is appended to it; when
+        ``records`` is a list, ``(x, outputs, representation)`` of every forward pass is appended,
+        with the outputs of the distillation tasks too.
         """
         losses: dict[str, Tensor] = {}
         for x, ys in self._groups(batch):
-            outputs, rep = self.model.forward_with_representation(x, list(ys))
+            names = list(ys)
+            if records is not None:
+                names += [t for t in self.distill_tasks if t not in ys]
+            outputs, rep = self.model.forward_with_representation(x, names)
             if representations is not None:
                 representations.append(rep)
+            if records is not None:
+                records.append((x, outputs, rep))
             for t, y in ys.items():
                 task = self.tasks[t]
                 if split is not None:
@@ -211,7 +280,8 @@ class MultiTaskModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         if not self.automatic_optimization:
             return self._aggregated_step(batch)
-        losses = self.task_losses(batch, "train")
+        records: list = []
+        losses = self.task_losses(batch, "train", records=records)
         if self.balancer is None:
             total = self.combine(losses)
         else:
@@ -222,7 +292,61 @@ class MultiTaskModule(pl.LightningModule):
         reg = self._sharing_regularization()
         if reg is not None:
             total = total + reg
+        extra = self.transfer_terms(records)
+        if extra is not None:
+            total = total + extra
         self.log("train/loss", total.detach(), on_step=False, on_epoch=True, prog_bar=True)
+        return total
+
+    # ------------------------------------------------------------------ transfer terms
+    def on_fit_start(self) -> None:
+        self._captured: list[Tensor] = []
+        if "delta" in self.regularizers and not getattr(self, "_delta_hooks", None):
+            # DELTA compares this model's stage outputs with the source model's: record them
+            self._delta_hooks = [
+                stage.register_forward_hook(lambda _m, _i, out: self._captured.append(out) if self.training else None)
+                for stage in self.model.backbone.stages
+            ]
+
+    def transfer_terms(self, records: list[tuple[Tensor, dict[str, Tensor], Tensor | None]]) -> Tensor | None:
+        """Fine-tuning regularizers and distillation for the forward passes in ``records``.
+
+        L2-SP (distance of the shared weights to the starting ones, plus the heads' L2), BSS (the
+        smallest singular values of the shared representation), DELTA (distance of the backbone's
+        stage outputs to the source model's) and distillation of the teacher's outputs on
+        ``distill_tasks`` (LwF, Born-Again). None when none is configured.
+        """
+        terms: list[Tensor] = []
+        if "l2sp" in self.regularizers:
+            start = [getattr(self, f"l2sp_start_{i}") for i in range(len(self._l2sp_params))]
+            new = [p for t in self.target_tasks for p in self.model.heads[t].parameters()]
+            beta = float(self.regularizer_options.get("l2sp_beta", 0.01))
+            terms.append(l2sp(self._l2sp_params, start, alpha=self.regularizers["l2sp"], new_params=new, beta=beta))
+        if "bss" in self.regularizers:
+            k = int(self.regularizer_options.get("bss_k", 1))
+            for _, _, rep in records:
+                if rep is not None:
+                    terms.append(bss(rep.flatten(1).float(), k=k, weight=self.regularizers["bss"]))
+        if "delta" in self.regularizers:
+            captured, self._captured = self._captured, []
+            n = len(self.model.backbone.stages)
+            for g, (x, _, _) in enumerate(records):
+                with torch.no_grad():
+                    source = self.source_model.backbone.forward_stages(x)
+                terms.append(delta(captured[g * n : (g + 1) * n], source, weight=self.regularizers["delta"]))
+        if self.teacher is not None and self.distill_tasks and self.distill_weight > 0:
+            for x, outputs, _ in records:
+                with torch.no_grad():
+                    target = self.teacher(x, self.distill_tasks)
+                kd = [
+                    lwf_distillation(outputs[t], target[t], self.model.tasks[t].kind, temperature=self.temperature)
+                    for t in self.distill_tasks
+                ]
+                terms.append(self.distill_weight * torch.stack(kd).mean())
+        if not terms:
+            return None
+        total = torch.stack(terms).sum()
+        self.log("train/transfer_terms", total.detach(), on_step=False, on_epoch=True)
         return total
 
     def _sharing_regularization(self) -> Tensor | None:
@@ -269,7 +393,8 @@ class MultiTaskModule(pl.LightningModule):
         """
         optimizer = self.optimizers()
         reps: list[Tensor] = []
-        losses = self.task_losses(batch, "train", reps)
+        records: list = []
+        losses = self.task_losses(batch, "train", reps, records=records)
         vec = self.loss_vector(losses)
         shared = [p for p in self.model.shared_parameters() if p.requires_grad]
         if self.balancer_space == "representation":
@@ -328,6 +453,11 @@ class MultiTaskModule(pl.LightningModule):
             all_reduce_gradients(shared)
         else:
             write_gradient(shared, g)
+        extra = self.transfer_terms(records)
+        if extra is not None:  # regularizers act outside the balancing: their gradient is added
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            torch.autograd.backward(extra * scale if scale is not None else extra, inputs=params)
+            all_reduce_gradients(params, average=True)
         if self.gradient_clip_val:
             torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.gradient_clip_val)
         self._step_with_freeze(optimizer, None)
@@ -392,52 +522,79 @@ class MultiTaskModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
-    # ------------------------------------------------------------------ freezing
+    # ------------------------------------------------------------------ fine-tuning policy
+    def lr_multipliers(self, epoch: int | None = None) -> dict[str, float]:
+        """Learning-rate multiplier of every named parameter group at ``epoch`` (default: now).
+
+        ``backbone.<i>`` are the backbone's blocks (its stages, bottom first), set by the policy;
+        0 means frozen.
+        """
+        epoch = self.current_epoch if epoch is None else epoch
+        mults = self.policy.multipliers(epoch, len(self.blocks))
+        out = {f"backbone.{i}": m for i, m in enumerate(mults)}
+        out["heads"] = self.policy.head_multiplier(epoch)
+        return out
+
     def backbone_frozen(self) -> bool:
-        """Whether the backbone is frozen in the current epoch."""
-        return self.current_epoch < self.frozen_epochs
+        """Whether every backbone block is frozen in the current epoch."""
+        return all(self.policy.frozen_blocks(self.current_epoch, len(self.blocks)))
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # frozen normalisation statistics: the backbone runs in eval mode while frozen
-        if self.backbone_frozen():
-            self.model.backbone.eval()
-        elif not self.model.backbone.training:
-            self.model.backbone.train()
+        # frozen normalisation statistics: a frozen block runs in eval mode
+        frozen = self.policy.frozen_blocks(self.current_epoch, len(self.blocks))
+        for stage, is_frozen in zip(self.model.backbone.stages, frozen):
+            if stage.training == is_frozen:
+                stage.train(not is_frozen)
+        for other in (self.teacher, self.source_model):
+            if other is not None and other.training:
+                other.eval()
+
+    def on_train_epoch_start(self) -> None:
+        if self.source_tasks and self.alpha_schedule != "constant":
+            total = max(1, (self.trainer.max_epochs or 1) - 1)
+            alpha = alpha_at(self.alpha_schedule, min(1.0, self.current_epoch / total), self.alpha_start, self.alpha_end)
+            self.loss_weights = mixing_weights(self.tasks, self.target_tasks, self.source_tasks, alpha)
+            self.alpha = alpha
+        if self.source_tasks:
+            self.log("train/alpha", float(self.alpha), on_step=False, on_epoch=True)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         self._step_with_freeze(optimizer, optimizer_closure)
 
     def _step_with_freeze(self, optimizer, closure) -> None:
-        # Freezing by a learning rate of 0 (rather than toggling requires_grad) keeps the set of
-        # trainable parameters fixed, which DDP and checkpoint resume both rely on. The scheduler's
-        # learning rates are left untouched and restored right after the step.
-        optimizer_closure = closure
+        # The policy acts through each group's learning rate for this one step (0 freezes), rather
+        # than by toggling requires_grad: the set of trainable parameters stays fixed, which DDP
+        # and checkpoint resume both rely on. The scheduler's learning rates are restored after.
         inner = getattr(optimizer, "optimizer", optimizer)
-        frozen = [g for g in inner.param_groups if g.get("name") == "backbone"] if self.backbone_frozen() else []
-        saved = [g["lr"] for g in frozen]
-        for g in frozen:
-            g["lr"] = 0.0
+        mults = self.lr_multipliers()
+        groups = [g for g in inner.param_groups if mults.get(g.get("name"), 1.0) != 1.0]
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = g["lr"] * mults[g["name"]]
         try:
-            optimizer.step(closure=optimizer_closure)
+            optimizer.step(closure=closure)
         finally:
-            for g, lr in zip(frozen, saved):
+            for g, lr in zip(groups, saved):
                 g["lr"] = lr
 
     # ------------------------------------------------------------------ optimizer
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Named parameter groups: ``backbone``, ``sharing`` (the rest of the shared structure), ``heads``."""
-        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
-        ids = {id(p) for p in backbone}
+        """Named parameter groups: ``backbone.<i>`` (one per backbone block), ``sharing`` (the rest of
+        the shared structure), ``heads`` and ``balancer`` (learned task weights, not decayed)."""
+        blocks = [[p for p in block if p.requires_grad] for block in self.blocks]
+        ids = {id(p) for block in blocks for p in block}
         sharing = [p for p in self.model.sharing.parameters() if p.requires_grad and id(p) not in ids]
         heads = [p for p in self.model.heads.parameters() if p.requires_grad]
         balancer = [p for p in self.balancer.parameters() if p.requires_grad] if self.balancer is not None else []
-        groups = [
-            {"name": "backbone", "params": backbone, "lr_scale": self.backbone_lr_scale},
-            {"name": "sharing", "params": sharing, "lr_scale": 1.0},
-            {"name": "heads", "params": heads, "lr_scale": 1.0},
-            # learned task weights (UW, IMTL-L, GradNorm) are not decayed
-            {"name": "balancer", "params": balancer, "lr_scale": 1.0, "weight_decay": 0.0},
+        groups = [{"name": f"backbone.{i}", "params": block} for i, block in enumerate(blocks)]
+        groups += [
+            {"name": "sharing", "params": sharing},
+            {"name": "heads", "params": heads},
+            {"name": "balancer", "params": balancer, "weight_decay": 0.0},
         ]
+        if "l2sp" in self.regularizers:  # L2-SP replaces weight decay on the shared and head weights
+            for g in groups[:-1]:
+                g["weight_decay"] = 0.0
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self):
@@ -445,8 +602,6 @@ class MultiTaskModule(pl.LightningModule):
         if self.lr is not None:
             factory = functools.partial(factory, lr=self.lr)
         optimizer = factory(self.parameter_groups())
-        for g in optimizer.param_groups:  # groups carry their scale; the optimizer set the base lr
-            g["lr"] = g["lr"] * g["lr_scale"]
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

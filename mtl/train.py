@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.balancing import GradientAggregator, aggregators
 from mtl.report import print_results
+from mtl.sweeps import run_job
 from mtl.schedule import (
     Builders,
     ScheduleRunner,
@@ -88,7 +89,7 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
     optimizer = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
 
-    def make_module(model, stage):
+    def make_module(model, stage, **extra):
         bcfg = balancer_config(stage.balancer, where=f"schedule.stages.{stage.name}.balancer") or cfg.get("balancer")
         num_tasks = len(stage.tasks) + len([s for s in stage.source_tasks if s not in stage.tasks])
         kwargs = {}
@@ -100,7 +101,7 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
             if isinstance(kwargs["balancer"], GradientAggregator):
                 check_trainer_for_aggregator(cfg.trainer, bcfg)
                 kwargs["gradient_clip_val"] = cfg.trainer.get("gradient_clip_val")
-        return default_module(model, stage, optimizer=optimizer, scheduler=scheduler, **kwargs)
+        return default_module(model, stage, optimizer=optimizer, scheduler=scheduler, **kwargs, **extra)
 
     def make_trainer(stage, stage_dir, callbacks, max_epochs):
         loggers = [
@@ -138,6 +139,7 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
         run_dir=run_dir,
         config=OmegaConf.to_container(cfg, resolve=True),
         extra=extra,
+        fuse=list(cfg.schedule.get("fuse") or []),
     )
 
 
@@ -153,10 +155,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> tuple[float | N
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     run_dir = HydraConfig.get().runtime.output_dir
-    metric, _ = train(cfg, run_dir)
-    return metric
+    # in a multirun a failing job is recorded (error.txt, a failed results.json) and the sweep goes on
+    return run_job(cfg, run_dir, lambda: train(cfg, run_dir)[1])
 
 
 if __name__ == "__main__":

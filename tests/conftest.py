@@ -14,12 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 
 # tiny multidigits and a couple of batches per split: every schedule runs in seconds
-TINY = [
+TINY_DATA = [
     "data.n_train=256",
     "data.n_val=64",
     "data.n_test=64",
     "data.batch_size=32",
     "data.label_budget.sum=64",
+]
+TINY = TINY_DATA + [
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=2",
@@ -39,7 +41,10 @@ def make_cfg(tmp_path):
             extra = [f"paths.output_dir={tmp_path / 'run'}"]
             if tiny and not any(o.startswith("backbone=") for o in overrides):
                 extra.append("backbone.channels=[8,16]")
-            return compose(config_name, overrides=(TINY if tiny else []) + extra + list(overrides))
+            base = TINY if tiny else []
+            if any(o.startswith("data=") for o in overrides):
+                base = [o for o in base if o not in TINY_DATA]
+            return compose(config_name, overrides=base + extra + list(overrides))
 
     yield _make
     GlobalHydra.instance().clear()

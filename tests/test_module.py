@@ -100,13 +100,16 @@ def test_frozen_backbone_stays_bit_identical_then_trains():
 
 
 def test_parameter_groups_learning_rates():
-    model = MultiTaskModel(MLP(in_features=4, hidden=[8]), [Task("a", num_classes=2)])
-    module = MultiTaskModule(model, lr=0.01, backbone_lr_scale=0.1)
+    model = MultiTaskModel(MLP(in_features=4, hidden=[8, 8]), [Task("a", num_classes=2)])
+    module = MultiTaskModule(model, lr=0.01, frozen_epochs=1, backbone_lr_scale=0.1)
     opt = module.configure_optimizers()
-    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-    assert lrs == pytest.approx({"backbone": 0.001, "heads": 0.01})
+    assert [g["name"] for g in opt.param_groups] == ["backbone.0", "backbone.1", "heads"]
+    assert all(g["lr"] == pytest.approx(0.01) for g in opt.param_groups)
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())
+    # probe then full: frozen in epoch 0, a tenth of the rate afterwards; heads at the base rate
+    assert module.lr_multipliers(0) == {"backbone.0": 0.0, "backbone.1": 0.0, "heads": 1.0}
+    assert module.lr_multipliers(1) == pytest.approx({"backbone.0": 0.1, "backbone.1": 0.1, "heads": 1.0})
 
 
 def test_label_out_of_range_in_training_names_task():

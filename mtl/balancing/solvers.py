@@ -25,6 +25,12 @@ Solvers and tolerances:
   ``1e-20`` (full Newton steps once it is below ``1e-6``, so a few iterations past that), when the
   line search finds no decrease, or after ``max_iter = 100`` steps; a ridge ``1e-10 I`` on the normalised ``G`` keeps Pareto-stationary
   inputs finite.
+* :func:`simplex_norm_program`: ``min_{w in simplex} q^T w + r sqrt(w^T G w)`` (the dual of
+  CAGrad), by a safeguarded Newton iteration on the exact piecewise-linear path of the simplex QPs
+  ``min t q^T w + 1/2 w^T G w``; the answer is the closed form on the optimal face, checked against
+  the KKT conditions of that QP (``tol = 1e-10`` relative to the size of its gradient terms), so it
+  is exact up to round-off and the ridge; optima with ``||g_w|| < 1e-7 max_i ||g_i||`` are not
+  resolved (see its docstring).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ __all__ = [
     "min_norm_simplex",
     "nonnegative_qp",
     "power_balance",
+    "simplex_norm_program",
     "simplex_qp",
 ]
 
@@ -269,3 +276,259 @@ def power_balance(
             break  # no decrease representable in float64: converged to round-off
         w, f = w_new, f_new
     return k * w
+
+
+def _simplex_active_set_warm(
+    H: np.ndarray, q: np.ndarray, x0: np.ndarray, tol: float, max_iter: int
+) -> np.ndarray:
+    """:func:`_active_set` on the simplex, started from a feasible ``x0`` and its support.
+
+    The same primal active-set steps (and scaling, ridge and threshold), but it first descends
+    from ``x0`` to the minimiser on the face ``x0 > 0`` (dropping blocking bounds), so that a
+    start near the optimal face needs only a few solves. Falls back to the cold start if the
+    face empties (round-off).
+    """
+    T = H.shape[0]
+    diag_scale = float(np.abs(np.diag(H)).max())
+    if not diag_scale > 0:
+        return _active_set(H, q, True, tol, max_iter)
+    Hs = 0.5 * (H + H.T) / diag_scale + _RIDGE * np.eye(T)
+    qs = q / diag_scale
+    thresh = tol * (1.0 + float(np.abs(qs).max()))
+
+    def descend(x: np.ndarray, P: np.ndarray, j: int | None) -> tuple[np.ndarray, bool]:
+        """Minimiser on face ``P`` (updated in place), from feasible ``x``; True if ``j`` stalls."""
+        first = True
+        while P.any():
+            s = _solve_subproblem(Hs, qs, P, True)
+            bad = P & (s <= 0)
+            if not bad.any():
+                return s, False
+            if first and j is not None and bad[j]:
+                P[j] = False  # round-off: the entering variable cannot move
+                return x, True
+            first = False
+            alpha = float(np.clip((x[bad] / (x[bad] - s[bad])).min(), 0.0, 1.0))
+            x = x + alpha * (s - x)
+            P &= x > thresh * 1e-2
+            x = np.where(P, x, 0.0)
+            x = x / x.sum()
+        raise FloatingPointError
+
+    try:
+        P = x0 > 0
+        x, _ = descend(x0 / x0.sum(), P, None)
+        for _ in range(max_iter):
+            grad = Hs @ x + qs
+            mult = np.where(P, np.inf, grad - grad[P].mean())
+            j = int(np.argmin(mult))
+            if not mult[j] < -thresh:
+                break
+            P[j] = True
+            x, stalled = descend(x, P, j)
+            if stalled:
+                break
+    except (FloatingPointError, ZeroDivisionError):
+        return _active_set(H, q, True, tol, max_iter)
+    return x
+
+
+def _face_path(
+    G: np.ndarray, q: np.ndarray, S: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The simplex QP ``min t q^T w + 1/2 w^T G w`` restricted to the face ``S`` (with ``sum w = 1``).
+
+    Its KKT system ``[G_SS 1; 1^T 0] [w; -mu] = [-t q_S; 1]`` is linear in ``t``, so the minimiser
+    is ``w(t) = w0 + t w1`` and the multiplier ``mu(t) = mu0 + t mu1``. Returns ``(idx, w0, w1,
+    [mu0, mu1])``; ``G_SS`` gets the ridge of :func:`active_set_qp`.
+    """
+    idx = np.flatnonzero(S)
+    n = idx.size
+    K = np.zeros((n + 1, n + 1))
+    K[:n, :n] = G[np.ix_(idx, idx)] + _RIDGE * np.eye(n)
+    K[:n, n] = 1.0
+    K[n, :n] = 1.0
+    rhs = np.zeros((n + 1, 2))
+    rhs[n, 0] = 1.0
+    rhs[:n, 1] = -q[idx]
+    sol = _solve(K, rhs)
+    return idx, sol[:n, 0], sol[:n, 1], -sol[n]
+
+
+def _face_root(
+    G: np.ndarray, q: np.ndarray, r: float, S: np.ndarray, lo: float, hi: float, tol: float
+) -> tuple[float | None, np.ndarray | None]:
+    """Root ``t`` of ``r t = ||g_w(t)||`` along the path of face ``S`` inside ``[lo, hi]``.
+
+    Returns ``(t, w)`` with ``w`` the full ``[T]`` weights when the face is optimal for the QP at
+    that ``t`` (``w_S >= 0`` and the KKT multipliers of the other coordinates are ``>= -thresh``,
+    ``thresh`` as in :func:`_active_set`), else ``(t, None)`` for the root closest to the bracket's
+    interior (or ``(None, None)``: no root on this face in the bracket).
+    """
+    idx, w0, w1, mu = _face_path(G, q, S)
+    G_SS = G[np.ix_(idx, idx)]
+    Gw0, Gw1 = G_SS @ w0, G_SS @ w1
+    A, B, C = float(w0 @ Gw0), float(w0 @ Gw1), float(w1 @ Gw1)
+    # r^2 t^2 = A + 2 B t + C t^2.
+    lead = r * r - C
+    if abs(lead) <= 1e-14 * max(r * r, abs(C)):
+        roots = [-A / (2.0 * B)] if B != 0.0 else []
+    else:
+        disc = B * B + lead * A
+        if disc < 0.0:
+            return None, None
+        sq = np.sqrt(disc)
+        roots = [(B + sq) / lead, (B - sq) / lead]
+    slack = 1e-12
+    roots = [t for t in roots if np.isfinite(t) and lo * (1 - slack) <= t <= hi * (1 + slack)]
+    if not roots:
+        return None, None
+    T = G.shape[0]
+    qmax = float(np.abs(q).max())
+    for t in roots:
+        w_S = w0 + t * w1
+        if w_S.min() < -tol:
+            continue
+        w = np.zeros(T)
+        w[idx] = np.clip(w_S, 0.0, None)
+        w /= w.sum()
+        Gw = G @ w
+        grad = Gw + t * q
+        m = mu[0] + t * mu[1]
+        # Relative to the size of the two terms at this point (both are small near a
+        # Pareto-stationary point, where an absolute threshold would accept any face).
+        thresh = max(tol * (float(np.abs(Gw).max()) + t * qmax), 1e-14)
+        others = np.ones(T, dtype=bool)
+        others[idx] = False
+        if others.any() and (grad[others] - m).min() < -thresh:
+            continue
+        norm = np.sqrt(max(float(w @ G @ w), 0.0))
+        if abs(norm - r * t) > 1e-8 * r * t:
+            continue  # the clipping moved it: not a clean root
+        return t, w
+    return roots[0], None
+
+
+def simplex_norm_program(
+    G: Tensor,
+    q: Tensor,
+    r: float,
+    *,
+    floor: float = 1e-7,
+    tol: float = 1e-10,
+    rtol: float = 1e-9,
+    max_iter: int = 100,
+) -> Tensor:
+    r"""``argmin_{w >= 0, sum w = 1} q^T w + r sqrt(w^T G w)`` for ``G [T, T]`` PSD, ``r > 0``.
+
+    With :math:`\sqrt{s} = \min_{\lambda > 0} (s/\lambda + \lambda)/2` and :math:`t = \lambda/r` the
+    problem is a one-dimensional search over the simplex QPs
+    :math:`w(t) = \arg\min_{w \in \Delta} t\,q^\top w + \tfrac12 w^\top G w`: the optimum is the
+    :math:`t > 0` where :math:`r t = \|g_{w(t)}\| = \sqrt{w(t)^\top G w(t)}` (before it the norm is
+    larger, after it smaller). On a fixed face of the simplex :math:`w(t) = w_0 + t w_1` is affine
+    (parametric QP), so on that face the equation is a quadratic in :math:`t` with a closed-form
+    root. The iteration: solve the QP exactly (:func:`active_set_qp`'s method) at the current
+    :math:`t`, update a bracket from the sign of :math:`\|g_{w(t)}\| - r t`, take the root on the
+    QP's face; if that face is still optimal there (``w >= 0``, KKT multipliers ``>= -tol`` relative)
+    it is the answer, exactly; otherwise the next :math:`t` is that root (or the bracket's geometric
+    midpoint when the root leaves the bracket). Typically one to three QPs.
+
+    Stops also, returning the QP solution, when :math:`|\|g_{w(t)}\| - r t| \le`
+    ``tol`` :math:`\cdot r t` or the bracket is within ``rtol`` relatively (the bisection's
+    criterion). The search starts at :math:`r t = \text{floor} \cdot \max_i \sqrt{G_{ii}}`: if
+    :math:`\|g_{w(t)}\| \le r t` there, the optimum has :math:`\|g_w\|` below that (zero is, or
+    nearly is, in the convex hull and the norm term wins) and that QP solution is returned, so
+    optima with :math:`\|g_w\| < \text{floor} \cdot \max_i \|g_i\|` are not resolved further.
+
+    Tolerances: the KKT tests use ``tol`` relative to the size of the two gradient terms
+    (:math:`|G w|_\infty + t|q|_\infty`, at least ``1e-14`` in units of :math:`\max_i G_{ii}`), so
+    they stay meaningful near Pareto-stationary points where both are small. Checked against a
+    bisection over exact QPs: the weights agree to round-off (update directions to ``1e-10``
+    relative) when :math:`\|g_w\| \ge 10^{-4} \max_i \|g_i\|`; between ``1e-6`` and ``1e-4`` the
+    problem is ill-conditioned and the directions agree to ``~1e-3``.
+
+    If the search ends at the floor and ``G`` has a negative eigenvalue (round-off), it is redone
+    on ``G`` projected onto the PSD cone (negative eigenvalues set to 0).
+
+    Args:
+        G: ``[T, T]`` Gramian with a positive diagonal entry.
+        q: ``[T]`` linear term.
+        r: weight of the norm, ``> 0``.
+        floor: smallest resolved :math:`\|g_w\|`, relative to :math:`\max_i \|g_i\|` (see above).
+        tol: KKT tolerance (relative, see above).
+        rtol: stop when the bracket on :math:`t` is this tight (a fallback; the closed-form root
+            normally ends the search first).
+        max_iter: cap on QP solves after the first.
+
+    Returns:
+        ``[T]`` weights on the simplex, same dtype and device as ``G``.
+    """
+    G_np = G.detach().to("cpu", torch.float64).numpy()
+    q_np = q.detach().to("cpu", torch.float64).numpy()
+    T = G_np.shape[0]
+    # Scaling G by 1/s (q by 1/s, r by 1/sqrt(s)) scales the objective and keeps the minimiser.
+    s = float(np.diag(G_np).max())
+    if not s > 0:
+        raise ValueError("simplex_norm_program needs a Gramian with a positive diagonal entry.")
+    Gn = 0.5 * (G_np + G_np.T) / s
+    qn = q_np / s
+    rn = r / np.sqrt(s)
+    max_qp = 3 * T + 20
+
+    qmax = float(np.abs(qn).max())
+
+    def search(Gn: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The weights, and whether the search ended at the floor."""
+
+        def qp(t: float, x0: np.ndarray) -> tuple[np.ndarray, float]:
+            # The QP's threshold is tol * (1 + t max|q|), absolute in units of max G_ii; for small
+            # t (solutions near a Pareto-stationary point) scale it down with the linear term.
+            tol_t = tol * max(min(1.0, t * qmax), 1e-4)
+            x = np.clip(_simplex_active_set_warm(Gn, t * qn, x0, tol_t, max_qp), 0.0, None)
+            x = x / x.sum()
+            return x, float(np.sqrt(max(float(x @ Gn @ x), 0.0)))
+
+        # ||g_w|| <= max_i ||g_i|| = 1, so r t = 1 brackets the root from above; the lower end is
+        # only checked (one QP) if the search heads there.
+        lo0 = floor / rn
+        lo, hi = lo0, 1.0 / rn
+        x = np.full(T, 1.0 / T)
+        # Often every task keeps a positive weight: try the full face first (one KKT solve).
+        t_root, w = _face_root(Gn, qn, rn, x > 0, lo, hi, tol)
+        if w is not None:
+            return w, False
+        t = t_root if t_root is not None and lo < t_root < hi else lo0
+        for _ in range(max_iter):
+            x, norm = qp(t, x)
+            if t == lo0 and norm <= rn * t:
+                return x, True  # zero (nearly) in the hull, the norm term wins: ||g_w*|| < floor
+            if abs(norm - rn * t) <= tol * rn * t:
+                break
+            if norm > rn * t:
+                lo = t
+            else:
+                hi = t
+            if hi / lo - 1.0 < rtol:
+                break
+            t_root, w = _face_root(Gn, qn, rn, x > 0, lo, hi, tol)
+            if w is not None:
+                x = w
+                break
+            if t_root is not None and lo < t_root < hi:
+                t = t_root
+            elif lo == lo0 and t != lo0:
+                t = lo0
+            else:
+                t = float(np.sqrt(lo * hi))
+        return x, False
+
+    x, at_floor = search(Gn)
+    if at_floor:
+        evals, evecs = np.linalg.eigh(Gn)
+        if evals[0] < 0.0:
+            # A Gramian rounded from float32 has eigenvalues ~ -1e-7 where the gradients are
+            # linearly dependent: then w^T G w < 0 near a zero combination and the search can
+            # stop at the floor wrongly. Clipping them moves G by no more than the rounding did.
+            Gn = (evecs * np.clip(evals, 0.0, None)) @ evecs.T
+            x, _ = search(0.5 * (Gn + Gn.T))
+    return torch.from_numpy(x).to(device=G.device, dtype=G.dtype)

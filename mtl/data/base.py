@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mtl.tasks import Task, tasks_from_config
 
@@ -60,6 +60,30 @@ class ArrayDataset(Dataset):
     def subset(self, index: Tensor, tasks: Sequence[str] | None = None) -> "ArrayDataset":
         names = list(self.labels) if tasks is None else list(tasks)
         return ArrayDataset(self.x[index], {t: self.labels[t][index] for t in names})
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order per epoch that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every epoch, so a stage resumed from a checkpoint
+    sees the same batches as an uninterrupted one (a plain shuffling DataLoader would restart its
+    random stream).
+    """
+
+    def __init__(self, length: int, seed: int = 0) -> None:
+        self.length = int(length)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def collate_batch(batch):
@@ -203,7 +227,7 @@ class MultiTaskDataModule(pl.LightningDataModule, abc.ABC):
         return DataLoader(
             ds,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(ds), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=collate_batch,
             drop_last=False,

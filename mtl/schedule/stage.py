@@ -33,6 +33,17 @@ class Stage:
         backbone_lr_scale: multiplies the backbone's learning rate when it trains.
         monitor: the logged metric that picks the best checkpoint; ``mode`` is ``min`` or ``max``.
         balancer: this stage's balancer config (None: the run's ``balancer``).
+        policy: fine-tuning policy (``full``, ``linear_probe``, ``probe_then_full``,
+            ``gradual_unfreeze``, ``discriminative_lr``, ``layer_decay``, ``backbone_ramp``); None
+            keeps ``freeze``. ``policy_options`` are its arguments (e.g. ``{factor: 2.6}``).
+        regularizers: ``{l2sp: alpha, bss: weight, delta: weight, lwf: weight}`` (0 or absent: off);
+            ``regularizer_options`` tune them (``l2sp_beta``, ``bss_k``, ``lwf_tasks``).
+        alpha_schedule: how ``alpha`` moves across the stage: ``constant``, ``linear``, ``cosine``
+            or ``step`` from ``alpha`` to ``alpha_end``.
+        teacher: distil a teacher's predictions: ``init`` (this stage's starting model, LwF-style),
+            ``previous`` (the previous stage's best model, Born-Again-style) or a checkpoint path;
+            None: no distillation. ``distill_weight`` and ``temperature`` set the term,
+            ``distill_tasks`` the tasks (None: the stage's targets).
     """
 
     name: str
@@ -49,6 +60,16 @@ class Stage:
     monitor: str = "val/loss"
     mode: str = "min"
     balancer: Any = None
+    policy: str | None = None
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    regularizers: dict[str, float] = field(default_factory=dict)
+    regularizer_options: dict[str, Any] = field(default_factory=dict)
+    alpha_schedule: str = "constant"
+    alpha_end: float | None = None
+    teacher: str | None = None
+    distill_tasks: list[str] | None = None
+    distill_weight: float = 1.0
+    temperature: float = 2.0
 
     def __post_init__(self) -> None:
         where = f"schedule.stages.{self.name}"
@@ -60,6 +81,11 @@ class Stage:
             raise ValueError(f"{where}.mode must be 'min' or 'max', got '{self.mode}'.")
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"{where}.alpha must be in [0, 1], got {self.alpha}.")
+        unknown_reg = sorted(set(self.regularizers or {}) - {"l2sp", "bss", "delta", "lwf"})
+        if unknown_reg:
+            raise ValueError(
+                f"{where}.regularizers: unknown {unknown_reg}; choose among l2sp, bss, delta, lwf."
+            )
         if self.max_epochs is not None and int(self.max_epochs) < 1:
             raise ValueError(f"{where}.max_epochs must be >= 1, got {self.max_epochs}.")
         overlap = set(self.tasks or []) & set(self.source_tasks)

@@ -3,6 +3,9 @@
 import math
 
 import pytest
+
+pytest.importorskip("matplotlib")
+
 from tooling_helpers import write_run
 
 from mtl.plots import cosine_matrix, main, pareto_front, plot_dir, read_metrics

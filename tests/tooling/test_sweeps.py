@@ -1,6 +1,8 @@
 """Real multiruns in a subprocess: seeds grouped in the report, failures recorded, joblib, Optuna."""
 
+import csv
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -39,18 +41,28 @@ def test_multirun_two_by_two_with_two_seeds_gives_mean_std_rows(tmp_path):
         assert all(" ± " in c for c in cells[3:-1])            # mean ± std per task and metric
     assert "Δm is blank" in out
     assert (sweep / "report.csv").is_file()
+    # the single-task baselines of the same setting: the report finds them and fills Δm
+    base = tmp_path / "baseline"
+    run("-m", "mtl.train", "-m", group_override("baseline", "single_task"), "seed=0,1", f"hydra.sweep.dir={base}",
+        *TINY_CLI, cwd=tmp_path)
+    _, out = run("-m", "mtl.report", str(sweep), str(base), "--out", str(tmp_path / "both"), cwd=tmp_path)
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "both.csv").open())}
+    assert set(rows) == {"balancer=ew", "balancer=pcgrad", "baseline=single_task"}, out
+    assert rows["balancer=ew"]["baseline"] == "baseline=single_task"
+    assert math.isfinite(float(rows["balancer=ew"]["delta_m_pct"]))
+    assert rows["baseline=single_task"]["seeds"] == "2"
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    code, out = run(str(HERE / "sweep_main.py"), "-m", "schedule.stages.train.tasks=[nope],[left]",
+    code, out = run("-m", "mtl.train", "-m", "schedule.stages.train.tasks=[nope],[left]",
                     f"hydra.sweep.dir={sweep}", *TINY_CLI, cwd=tmp_path)
     failed = json.loads((sweep / "0" / "results.json").read_text())
     assert failed["status"] == "failed" and "unknown task" in failed["error"]
     assert "unknown task" in (sweep / "0" / "error.txt").read_text()
-    assert "Job failed" in (sweep / "0" / "sweep_main.log").read_text()   # traceback in the job log
+    assert "Job failed" in (sweep / "0" / "train.log").read_text()   # traceback in the job log
     assert "stages" in json.loads((sweep / "1" / "results.json").read_text())  # the next job ran
-    _, out = run("-m", "mtl.report", str(sweep), cwd=tmp_path)
+    assert "Sweep report" in out                                      # printed by SweepSummary
     md = (sweep / "report.md").read_text()
     assert "failed: ValueError: schedule.stages.train.tasks: unknown task" in md
     assert "| ok | 1 |" in md
@@ -71,6 +83,7 @@ def _trial_states(db: Path) -> list[str]:
 
 
 def test_optuna_search_interrupted_after_two_trials_resumes_to_four(tmp_path):
+    pytest.importorskip("optuna")
     sweep = tmp_path / "search"
     args = ["-m", "mtl.train", "-m", "hydra/sweeper=mtl_optuna", "hydra.sweeper.n_trials=4",
             "optimized_metric=train/val/sum/acc", "optimizer.lr=tag(log, interval(1e-4, 1e-2))",
@@ -92,8 +105,9 @@ def test_optuna_search_interrupted_after_two_trials_resumes_to_four(tmp_path):
 
 
 def test_optuna_multi_objective_gives_a_pareto_front(tmp_path):
+    pytest.importorskip("optuna")
     sweep = tmp_path / "pareto"
-    run(str(HERE / "sweep_main.py"), "-m", group_override("hparams_search", "multidigits_pareto"),
+    run("-m", "mtl.train", "-m", group_override("hparams_search", "multidigits_pareto"),
         key_override("optimized_metrics", "[train/val/left/acc,train/val/sum/acc]"),
         "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
         "~hydra.sweeper.sampler.population_size", f"hydra.sweep.dir={sweep}", *TINY_CLI, "logger=none", cwd=tmp_path)

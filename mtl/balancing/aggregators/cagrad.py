@@ -2,30 +2,47 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from mtl.balancing.aggregator import GradientAggregator, gramian, host
-from mtl.balancing.solvers import simplex_qp
+from mtl.balancing.solvers import simplex_norm_program, simplex_qp
 
 
-def cagrad_dual(G: Tensor, c: float, *, rtol: float = 1e-9, max_iter: int = 100) -> Tensor:
+def cagrad_dual(G: Tensor, c: float, **kwargs: float) -> Tensor:
     r"""Solve the CAGrad dual ``min_{w in simplex} w^T G b + c ||g0|| sqrt(w^T G w)``, ``b = 1/T``.
 
     With :math:`r = c\|g_0\|` and :math:`\sqrt{s} = \min_{\lambda > 0} (s/\lambda + \lambda)/2`, the
     problem is :math:`\min_{\lambda > 0} h(\lambda)` with
     :math:`h(\lambda) = \min_{w \in \Delta} w^\top G b + \tfrac{r}{2\lambda} w^\top G w
-    + \tfrac{r\lambda}{2}`, jointly convex; each inner problem is a simplex QP solved exactly.
-    :math:`h` is convex with
-    :math:`\operatorname{sign} h'(\lambda) = \operatorname{sign}(\lambda - \|g_{w(\lambda)}\|)`,
-    so we bisect on :math:`\log\lambda` in :math:`[10^{-12}, 1] \cdot \max_t \|g_t\|` until the bracket is
-    within ``rtol`` relatively (or ``max_iter`` halvings).
+    + \tfrac{r\lambda}{2}`, jointly convex, whose optimum has :math:`\lambda = \|g_{w(\lambda)}\|`.
+    :func:`~mtl.balancing.solvers.simplex_norm_program` solves it: exact simplex QPs at a few
+    :math:`\lambda` and, on the optimal face where :math:`w(\lambda)` is affine in :math:`\lambda`,
+    the closed-form root of :math:`\lambda = \|g_{w(\lambda)}\|`, accepted only if that face passes
+    the QP's KKT test (relative tolerance ``1e-10``). Typically one to three QPs (~0.3 ms at
+    ``T = 10``, ~1 ms at ``T = 40`` on one CPU core).
+
+    Tolerance: the weights are exact up to round-off and the ``1e-12`` ridge of the QP solver.
+    Against a bisection on :math:`\log\lambda` over exact QPs (the former solver, to a relative
+    ``1e-9``), on random, conflicting, near-parallel, rank-deficient and badly scaled Jacobians with
+    ``T = 2..40``, the update :math:`g_0 + \frac{c\|g_0\|}{\|g_w\|} g_w` agrees to a relative
+    ``1e-10`` when :math:`\|g_w\| \ge 10^{-4} \max_t \|g_t\|`, and to ``~1e-3`` for
+    :math:`10^{-6} \le \|g_w\| / \max_t \|g_t\| < 10^{-4}` (nearly Pareto-stationary, where the
+    direction of :math:`g_w` is ill-determined and float32 noise in ``J`` is larger anyway); below
+    that :class:`CAGrad` returns :math:`g_0`. Optima with
+    :math:`\|g_w\| < 10^{-7} \max_t \|g_t\|` are not resolved.
+
+    The former solver started its bisection at :math:`\lambda = 10^{-12} \max_t \|g_t\|`, where
+    the inner QP's absolute KKT tolerance hid the linear term, so whenever zero was in the convex
+    hull of the gradients (``T`` > rank, strongly conflicting tasks) it returned the min-norm point
+    and CAGrad fell back to :math:`g_0`, even for ``c < 1`` where a better :math:`w` exists. This
+    solver returns the true optimum there (checked against a grid search for ``T = 3``).
 
     Args:
         G: ``[T, T]`` Gramian.
         c: the CAGrad radius ``c >= 0``.
+        **kwargs: passed to :func:`~mtl.balancing.solvers.simplex_norm_program` (``floor``,
+            ``tol``, ``rtol``, ``max_iter``).
 
     Returns:
         ``[T]`` weights ``w`` on the simplex.
@@ -36,29 +53,9 @@ def cagrad_dual(G: Tensor, c: float, *, rtol: float = 1e-9, max_iter: int = 100)
     r = c * float((b @ G @ b).clamp_min(0).sqrt())
     if r <= 0:
         return simplex_qp(torch.zeros_like(G), a)  # linear program: best vertex
-    hi = float(G.diagonal().max().clamp_min(0).sqrt())
-    if hi <= 0:
+    if not float(G.diagonal().max()) > 0:
         return b
-    lo = hi * 1e-12
-
-    def inner(lam: float) -> tuple[Tensor, float]:
-        w = simplex_qp((r / lam) * G, a)
-        return w, float((w @ G @ w).clamp_min(0).sqrt())
-
-    w_lo, norm_lo = inner(lo)
-    if norm_lo <= lo:  # the min-norm point is ~0: h is increasing, the optimum is lambda -> 0
-        return w_lo
-    w = w_lo
-    for _ in range(max_iter):
-        mid = math.sqrt(lo * hi)
-        w, norm = inner(mid)
-        if norm > mid:
-            lo = mid
-        else:
-            hi = mid
-        if hi / lo - 1.0 < rtol:
-            break
-    return w
+    return simplex_norm_program(G, a, r, **kwargs)
 
 
 class CAGrad(GradientAggregator):
@@ -73,8 +70,8 @@ class CAGrad(GradientAggregator):
     and :math:`d = g_0 + \frac{c\|g_0\|}{\|g_w\|} g_w`. As in the official code the result is divided
     by :math:`1 + c^2` (``rescale=1``; ``rescale=0`` returns ``d``, ``rescale=2`` divides by
     :math:`1+c`). With ``c = 0`` it is the mean gradient :math:`g_0` (not the sum).
-    The dual is solved by :func:`cagrad_dual` (exact inner QPs, bisection on one scalar) instead of
-    SLSQP. ``last_weights`` are the effective weights :math:`(1/T + \lambda w^\star) / \text{rescale}`.
+    The dual is solved by :func:`cagrad_dual` (exact inner QPs and a closed-form root on the optimal
+    face, see there) instead of SLSQP. ``last_weights`` are the effective weights :math:`(1/T + \lambda w^\star) / \text{rescale}`.
 
     Args:
         num_tasks: number of tasks ``T``.
@@ -83,6 +80,7 @@ class CAGrad(GradientAggregator):
         eps: when :math:`\|g_w\| \le \text{eps} \cdot \max_t \|g_t\|` (zero is in the convex hull
             and the dual optimum is :math:`g_w = 0`) the correction has no direction and the
             result is :math:`g_0` (rescaled). The official code adds ``1e-8`` to the norm instead.
+            Keep it above ``1e-7``, the smallest :math:`\|g_w\|` that :func:`cagrad_dual` resolves.
     """
 
     def __init__(self, num_tasks: int, c: float = 0.4, rescale: int = 1, eps: float = 1e-6) -> None:
