@@ -51,6 +51,13 @@ def results_table(results: Mapping[str, Any], title: str = "Final metrics (best 
                 metrics = splits.get(split) or {}
                 text = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
                 table.add_row(stage, task, "source" if task in sources else "target", split, text or "-")
+    fusion = results.get("fusion") or {}
+    for kind in ("ensemble", "soup"):
+        for task, splits in (fusion.get(kind) or {}).items():
+            for split in ("val", "test"):
+                metrics = splits.get(split) or {}
+                text = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+                table.add_row(f"{kind} of {'+'.join(fusion.get('stages', []))}", task, "target", split, text or "-")
     return table
 
 

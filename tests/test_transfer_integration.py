@@ -131,7 +131,7 @@ def test_lwf_and_delta_and_bss_in_a_transfer_stage(make_cfg, tmp_path):
 
 
 def test_generations_distil_and_fuse(make_cfg, tmp_path):
-    _, results = train(make_cfg("schedule=generations", "data=digits", "data.label_budget={}"))
+    _, results = train(make_cfg("schedule=generations", "data=digits", "data.label_budget=null"))
     assert list(results["stages"]) == ["gen0", "gen1", "gen2"]
     fusion = results["fusion"]
     assert fusion["stages"] == ["gen0", "gen1", "gen2"]
@@ -161,3 +161,16 @@ def test_resumed_stage_ends_with_the_same_parameters(make_cfg, tmp_path):
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     assert json.loads((tmp_path / "resumed/results.json").read_text())["stages"]["train"]["resumed"] is True
+
+
+def test_fusion_rows_in_the_printed_table():
+    from mtl.report import results_table
+
+    results = {
+        "stages": {"gen0": {"tasks": {"high": {"val": {"acc": 0.5}, "test": {"acc": 0.4}}}, "source_tasks": []}},
+        "fusion": {"stages": ["gen0", "gen1"], "ensemble": {"high": {"val": {"acc": 0.7}, "test": {"acc": 0.6}}},
+                   "soup": {"high": {"val": {"acc": 0.2}, "test": {"acc": 0.1}}}},
+    }
+    table = results_table(results)
+    assert table.row_count == 6
+    assert "ensemble of gen0+gen1" in [c for c in table.columns[0]._cells]

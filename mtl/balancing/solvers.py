@@ -361,9 +361,10 @@ def _face_root(
     """Root ``t`` of ``r t = ||g_w(t)||`` along the path of face ``S`` inside ``[lo, hi]``.
 
     Returns ``(t, w)`` with ``w`` the full ``[T]`` weights when the face is optimal for the QP at
-    that ``t`` (``w_S >= 0`` and the KKT multipliers of the other coordinates are ``>= -thresh``,
-    ``thresh`` as in :func:`_active_set`), else ``(t, None)`` for the root closest to the bracket's
-    interior (or ``(None, None)``: no root on this face in the bracket).
+    that ``t`` (``w_S >= -tol`` and the KKT multipliers of the other coordinates are
+    ``>= -tol * (|G w|_inf + t |q|_inf)``) and ``||g_w|| = r t`` survives clipping ``w`` to the
+    simplex; else ``(t, None)`` with the first root in the bracket (or ``(None, None)``: no root on
+    this face in the bracket).
     """
     idx, w0, w1, mu = _face_path(G, q, S)
     G_SS = G[np.ix_(idx, idx)]
@@ -447,8 +448,8 @@ def simplex_norm_program(
     relative) when :math:`\|g_w\| \ge 10^{-4} \max_i \|g_i\|`; between ``1e-6`` and ``1e-4`` the
     problem is ill-conditioned and the directions agree to ``~1e-3``.
 
-    If the search ends at the floor and ``G`` has a negative eigenvalue (round-off), it is redone
-    on ``G`` projected onto the PSD cone (negative eigenvalues set to 0).
+    A ``G`` that is not positive definite (Cholesky fails) is projected onto the PSD cone
+    (negative eigenvalues, from round-off, set to 0).
 
     Args:
         G: ``[T, T]`` Gramian with a positive diagonal entry.
@@ -471,6 +472,17 @@ def simplex_norm_program(
     if not s > 0:
         raise ValueError("simplex_norm_program needs a Gramian with a positive diagonal entry.")
     Gn = 0.5 * (G_np + G_np.T) / s
+    try:
+        np.linalg.cholesky(Gn)  # positive definite: nothing to do (the common case)
+    except np.linalg.LinAlgError:
+        # A Gramian rounded from float32 has eigenvalues ~ -1e-7 where the gradients are linearly
+        # dependent: the QPs are then non-convex near the zero combination and a KKT point need
+        # not be a minimum. Clipping them moves G by no more than the rounding did. (torch's
+        # eigh: it honours torch's thread setting, NumPy's BLAS threads can stall on a busy host.)
+        evals, evecs = (m.numpy() for m in torch.linalg.eigh(torch.from_numpy(Gn)))
+        if evals[0] < 0.0:
+            Gn = (evecs * np.clip(evals, 0.0, None)) @ evecs.T
+            Gn = 0.5 * (Gn + Gn.T)
     qn = q_np / s
     rn = r / np.sqrt(s)
     max_qp = 3 * T + 20
@@ -478,7 +490,7 @@ def simplex_norm_program(
     qmax = float(np.abs(qn).max())
 
     def search(Gn: np.ndarray) -> tuple[np.ndarray, bool]:
-        """The weights, and whether the search ended at the floor."""
+        """The weights, and whether the search stopped at the floor."""
 
         def qp(t: float, x0: np.ndarray) -> tuple[np.ndarray, float]:
             # The QP's threshold is tol * (1 + t max|q|), absolute in units of max G_ii; for small
@@ -522,13 +534,5 @@ def simplex_norm_program(
                 t = float(np.sqrt(lo * hi))
         return x, False
 
-    x, at_floor = search(Gn)
-    if at_floor:
-        evals, evecs = np.linalg.eigh(Gn)
-        if evals[0] < 0.0:
-            # A Gramian rounded from float32 has eigenvalues ~ -1e-7 where the gradients are
-            # linearly dependent: then w^T G w < 0 near a zero combination and the search can
-            # stop at the floor wrongly. Clipping them moves G by no more than the rounding did.
-            Gn = (evecs * np.clip(evals, 0.0, None)) @ evecs.T
-            x, _ = search(0.5 * (Gn + Gn.T))
+    x, _ = search(Gn)
     return torch.from_numpy(x).to(device=G.device, dtype=G.dtype)
