@@ -534,3 +534,42 @@ def test_cagrad_dual_brute_force_two_and_three_tasks() -> None:
                 w = cagrad_dual(G, c)
                 best = (lin + c * math.sqrt(b @ G @ b) * norm).min()
                 assert _cagrad_objective(G, w[None], c)[0] <= best + 1e-12 * float(G.diagonal().max())
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 12, 30])
+def test_dual_cone_weights_batched_matches_one_by_one(T: int) -> None:
+    from mtl.balancing.solvers import dual_cone_weights_batched, nonnegative_qp_batched
+
+    gen = torch.Generator().manual_seed(T)
+    for trial in range(4):
+        J = torch.randn(T, 3 if trial == 3 else 40, generator=gen, dtype=torch.float64)
+        if T > 1:
+            J[1 : max(2, T // 2)] -= (1.0 + trial) * J[0]  # conflicting rows
+        G = J @ J.T
+        G = G / G.trace() + 1e-4 * torch.eye(T, dtype=torch.float64)
+        for U in (torch.eye(T, dtype=torch.float64) / T, torch.full((1, T), 1.0 / T, dtype=torch.float64)):
+            torch.testing.assert_close(dual_cone_weights_batched(U, G), dual_cone_weights(U, G), rtol=1e-9, atol=1e-12)
+        Q = torch.randn(3, T, generator=gen, dtype=torch.float64)
+        X = nonnegative_qp_batched(G, Q)
+        for k in range(3):
+            torch.testing.assert_close(X[k], nonnegative_qp(G, Q[k]), rtol=1e-9, atol=1e-12)
+    # Degenerate H = 0: each problem keeps its own scale.
+    Z = torch.zeros(T, T, dtype=torch.float64)
+    Q = torch.randn(2, T, generator=gen, dtype=torch.float64)
+    X = nonnegative_qp_batched(Z, Q)
+    for k in range(2):
+        torch.testing.assert_close(X[k], nonnegative_qp(Z, Q[k]))
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.3, 1.0])
+def test_graddrop_matches_mask_formula(leak: float) -> None:
+    J = torch.randn(4, 500, generator=torch.Generator().manual_seed(0))
+    J[1] -= 2 * J[0]
+    J[2, :50] = 0.0  # zero entries are dropped by both branches of the rule
+    agg = GradDrop(4, leak=leak, seed=7)
+    g = agg(J)
+    purity = 0.5 * (1.0 + J.sum(0) / (J.abs().sum(0) + agg.eps))
+    U = torch.rand(J.shape[1], generator=torch.Generator().manual_seed(7 * 1_000_003), dtype=J.dtype)
+    mask = ((purity > U) & (J > 0)) | ((purity < U) & (J < 0))
+    ref = ((leak + (1.0 - leak) * mask.to(J.dtype)) * J).sum(0)
+    torch.testing.assert_close(g, ref)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from mtl.balancing.aggregator import GradientAggregator, gramian, host
 from mtl.balancing.aggregators.upgrad import normalize_and_regularize
-from mtl.balancing.solvers import dual_cone_weights
+from mtl.balancing.solvers import dual_cone_weights_batched
 
 
 class DualProj(GradientAggregator):
@@ -36,5 +36,5 @@ class DualProj(GradientAggregator):
     def aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
         G = normalize_and_regularize(host(gramian(J)), self.reg_eps)
         T = G.shape[0]
-        v = dual_cone_weights(torch.full((1, T), 1.0 / T, dtype=G.dtype), G)[0]
+        v = dual_cone_weights_batched(torch.full((1, T), 1.0 / T, dtype=G.dtype), G)[0]
         return self.combine(v, J)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from mtl.balancing.aggregator import GradientAggregator, gramian, host
-from mtl.balancing.solvers import dual_cone_weights
+from mtl.balancing.solvers import dual_cone_weights_batched
 
 
 def normalize_and_regularize(G: Tensor, reg_eps: float) -> Tensor:
@@ -31,7 +31,8 @@ class UPGrad(GradientAggregator):
     is the mean of the rows. As in TorchJD, ``G`` is divided by its trace and ``reg_eps * I`` is
     added before solving (so the guarantee holds up to :math:`J g \ge -\text{reg\_eps}\,
     \operatorname{tr}(G)\, w`); the QPs are solved exactly by
-    :func:`~mtl.balancing.solvers.dual_cone_weights`.
+    :func:`~mtl.balancing.solvers.dual_cone_weights_batched` (the T problems share ``G`` and are
+    solved together, in one batched active-set pass).
 
     Args:
         num_tasks: number of tasks ``T``.
@@ -47,5 +48,5 @@ class UPGrad(GradientAggregator):
     def aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
         G = normalize_and_regularize(host(gramian(J)), self.reg_eps)
         T = G.shape[0]
-        V = dual_cone_weights(torch.eye(T, dtype=G.dtype) / T, G)
+        V = dual_cone_weights_batched(torch.eye(T, dtype=G.dtype) / T, G)
         return self.combine(V.sum(0), J)
