@@ -33,6 +33,7 @@ in training mode (``self.training``), so calling them during validation changes 
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar, Sequence
 
 import torch
@@ -40,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
-class LossWeighting(nn.Module):
+class LossWeighting(nn.Module, abc.ABC):
     """Base class: maps task losses ``[T]`` to task weights ``[T]``.
 
     Args:
@@ -63,6 +64,7 @@ class LossWeighting(nn.Module):
             raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}.")
         self.num_tasks = num_tasks
 
+    @abc.abstractmethod
     def forward(self, losses: Tensor) -> Tensor:
         """Task weights.
 
@@ -73,7 +75,6 @@ class LossWeighting(nn.Module):
             ``[T]`` weights on ``losses.device`` with ``losses.dtype``; detached unless the
             weights are themselves learned by backpropagating the total loss.
         """
-        raise NotImplementedError
 
     def regularization(self, losses: Tensor) -> Tensor:
         """Scalar term added to ``(weights * losses).sum()``; zero by default.

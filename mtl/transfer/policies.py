@@ -33,6 +33,7 @@ config):
 
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 from typing import Any
@@ -119,7 +120,7 @@ def _option(name: str, value: Any, *, minimum: float | None = None, maximum: flo
     return int(number) if integer else number
 
 
-class FineTunePolicy:
+class FineTunePolicy(abc.ABC):
     """Base class: learning-rate multipliers per backbone block as a function of the epoch.
 
     Subclasses implement :meth:`multipliers`; :meth:`head_multiplier` is 1 unless overridden.
@@ -130,6 +131,7 @@ class FineTunePolicy:
 
     name: str = "base"
 
+    @abc.abstractmethod
     def multipliers(self, epoch: int, num_blocks: int) -> list[float]:
         """Learning-rate multiplier of each block at ``epoch`` (0-based), bottom to top.
 
@@ -140,7 +142,6 @@ class FineTunePolicy:
         Returns:
             ``n`` floats ``>= 0``; index 0 is the bottom block.
         """
-        raise NotImplementedError
 
     def head_multiplier(self, epoch: int) -> float:
         """Learning-rate multiplier of the heads at ``epoch`` (1 unless a policy says otherwise)."""

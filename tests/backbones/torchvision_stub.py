@@ -55,7 +55,7 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return module
 
     def exec_module(self, module):
-        pass
+        """Nothing to run: every attribute is created on first access by ``getattr_``."""
 
 
 def install_if_missing() -> bool:
