@@ -13,12 +13,11 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mtl.balancing import GradientAggregator, aggregators
+from mtl.balancing import GradientAggregator
 from mtl.report import print_results
-from mtl.sweeps import run_job
 from mtl.schedule import (
     Builders,
     ScheduleRunner,
@@ -27,9 +26,10 @@ from mtl.schedule import (
     single_task_stages,
     stages_from_dict,
 )
+from mtl.sweeps import run_job
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf") if (Path(__file__).resolve().parent / "conf").is_dir() \
-    else str(Path(__file__).resolve().parents[1] / "conf")
+# mtl/conf links to the repository's conf/ (a wheel carries the files themselves)
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def input_kwargs(backbone_cfg: DictConfig, datamodule: Any) -> dict[str, int]:
@@ -46,9 +46,6 @@ def input_kwargs(backbone_cfg: DictConfig, datamodule: Any) -> dict[str, int]:
     if "in_channels" in backbone_cfg and backbone_cfg.in_channels is None:
         out["in_channels"] = int(shape[0]) if len(shape) == 3 else 1
     return out
-
-
-AGGREGATOR_NAMES = set(aggregators.__all__)
 
 
 def balancer_config(spec: Any, where: str) -> DictConfig | None:
@@ -89,8 +86,12 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
     optimizer = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
 
+    def stage_balancer(stage) -> DictConfig | None:
+        """The stage's own balancer config, else the run's."""
+        return balancer_config(stage.balancer, where=f"schedule.stages.{stage.name}.balancer") or cfg.get("balancer")
+
     def make_module(model, stage, **extra):
-        bcfg = balancer_config(stage.balancer, where=f"schedule.stages.{stage.name}.balancer") or cfg.get("balancer")
+        bcfg = stage_balancer(stage)
         num_tasks = len(stage.tasks) + len([s for s in stage.source_tasks if s not in stage.tasks])
         kwargs = {}
         if bcfg:
@@ -120,9 +121,9 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
         )
 
     def is_aggregator(stage) -> bool:
-        bcfg = balancer_config(stage.balancer, where="") or cfg.get("balancer")
-        target = str(bcfg.method.get("_target_", "")) if bcfg else ""
-        return target.rsplit(".", 1)[-1] in AGGREGATOR_NAMES
+        bcfg = stage_balancer(stage)
+        target = bcfg.method.get("_target_") if bcfg else None
+        return bool(target) and issubclass(get_class(target), GradientAggregator)
 
     stages = stages_from_dict(OmegaConf.to_container(cfg.schedule.stages, resolve=True))
     extra = {}
