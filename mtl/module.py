@@ -16,7 +16,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from mtl.balancing.aggregator import GradientAggregator
+from mtl.balancing.aggregators.base import GradientAggregator
 from mtl.balancing.jacobian import (
     all_reduce_gradients,
     gather_representation_jacobian,
@@ -26,7 +26,7 @@ from mtl.balancing.jacobian import (
     unscale,
     write_gradient,
 )
-from mtl.balancing.weighting import LossWeighting
+from mtl.balancing.weightings.base import LossWeighting
 from mtl.model import MultiTaskModel
 from mtl.tasks import Task
 from mtl.transfer.alpha import alpha_at

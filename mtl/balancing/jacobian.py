@@ -1,6 +1,6 @@
 """The Jacobian engine: per-task gradients for gradient aggregators, and the way back to ``.grad``.
 
-A :class:`~mtl.balancing.aggregator.GradientAggregator` needs the task Jacobian ``J`` (``[T, P]``,
+A :class:`~mtl.balancing.aggregators.base.GradientAggregator` needs the task Jacobian ``J`` (``[T, P]``,
 row ``t`` = gradient of task loss ``L_t``). This module computes it, reduces it across DDP ranks, and
 turns the aggregated direction ``g`` (``[P]``) back into parameter gradients. Two spaces:
 
@@ -68,6 +68,7 @@ DDP: see :func:`reduce_jacobian` (params space) and :func:`gather_representation
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -77,6 +78,8 @@ from torch.autograd.graph import GradientEdge
 
 __all__ = [
     "METHODS",
+    "SPACES",
+    "JacobianEngine",
     "all_reduce_gradients",
     "gather_representation_jacobian",
     "reduce_jacobian",
@@ -89,6 +92,8 @@ __all__ = [
 
 #: Accepted values of ``method`` in :func:`task_jacobian`.
 METHODS = ("auto", "loop", "batched")
+#: Where the task gradients are taken: over the shared parameters or the shared representation.
+SPACES = ("params", "representation")
 
 _warned_batched_fallback = False
 
@@ -104,6 +109,35 @@ def resolve_method(method: str, device: torch.device | str) -> str:
         raise ValueError(f"Jacobian method must be one of {METHODS}, got '{method}'.")
     torch.device(device)  # validates the argument
     return "loop" if method == "auto" else method
+
+
+@dataclass(frozen=True)
+class JacobianEngine:
+    """How a gradient aggregator's task Jacobian is computed: one object in the balancer config.
+
+    Args:
+        space: ``params`` (rows over the shared parameters) or ``representation`` (rows over the
+            shared representation, the tensor every head reads; far cheaper, see the module
+            docstring).
+        method: ``auto``, ``loop`` or ``batched`` (see :func:`task_jacobian`).
+        chunk_size: rows per batched call (None: all tasks at once).
+    """
+
+    space: str = "params"
+    method: str = "auto"
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise ValueError(f"balancer.engine.space must be one of {SPACES}, got '{self.space}'.")
+        if self.method not in METHODS:
+            raise ValueError(f"balancer.engine.method must be one of {METHODS}, got '{self.method}'.")
+        if self.chunk_size is not None and int(self.chunk_size) < 1:
+            raise ValueError(f"balancer.engine.chunk_size must be a positive int or null, got {self.chunk_size}.")
+
+    def jacobian(self, losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool = True) -> Tensor:
+        """``[T, P]`` rows ``dL_t / d inputs`` (see :func:`task_jacobian`)."""
+        return task_jacobian(losses, inputs, self.method, self.chunk_size, retain_graph=retain_graph)
 
 
 def task_jacobian(

@@ -4,7 +4,7 @@ Every problem an aggregator solves lives in task space: its data is the Gramian 
 (``T x T``, ``T`` = number of tasks) and its unknown is a vector of task weights ``w`` (``[T]``),
 never the ``P``-dimensional gradient. The solvers here are exact or second-order methods, written
 with torch ops on whatever device and dtype they are given; the aggregators call them on a float64
-host copy of the Gramian (see :mod:`mtl.balancing.aggregator` for why).
+host copy of the Gramian (see :mod:`mtl.balancing.aggregators.base` for why).
 
 Solvers and tolerances:
 

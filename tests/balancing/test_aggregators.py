@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import mtl.balancing.aggregators as aggregators
-from mtl.balancing.aggregator import GradientAggregator
+from mtl.balancing.aggregators.base import GradientAggregator
 from mtl.balancing.aggregators import (
     DBMTL,
     IMTLG,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mtl.balancing.weighting import LossWeighting
+from mtl.balancing.weightings.base import LossWeighting
 from mtl.balancing.weightings import DWA, EW, FAMO, GLS, IMTLL, RLW, STCH, UW, GradNorm, Static
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "balancer"

@@ -1,10 +1,10 @@
 """Gradient aggregators: one module per method, each a
-:class:`~mtl.balancing.aggregator.GradientAggregator`.
+:class:`~mtl.balancing.aggregators.base.GradientAggregator`.
 """
 
 from mtl.balancing.aggregators.alignedmtl import AlignedMTL
 from mtl.balancing.aggregators.cagrad import CAGrad
-from mtl.balancing.aggregators.config import ConFIG
+from mtl.balancing.aggregators.conflict_free import ConFIG
 from mtl.balancing.aggregators.dbmtl import DBMTL
 from mtl.balancing.aggregators.dualproj import DualProj
 from mtl.balancing.aggregators.fairgrad import FairGrad

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtl.balancing.aggregator import GradientAggregator, gramian, host
+from mtl.balancing.aggregators.base import GradientAggregator, gramian, host
 from mtl.balancing.solvers import simplex_norm_program, simplex_qp
 
 

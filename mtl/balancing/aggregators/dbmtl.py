@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl.balancing.aggregator import GradientAggregator
+from mtl.balancing.aggregators.base import GradientAggregator
 
 
 class DBMTL(GradientAggregator):
@@ -37,7 +37,7 @@ class DBMTL(GradientAggregator):
         eps: guard on the losses and the norms.
     """
 
-    requires_losses = True
+    needs_losses = True
     grad_ema: Tensor
 
     def __init__(

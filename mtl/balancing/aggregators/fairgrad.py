@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mtl.balancing.aggregator import GradientAggregator, gramian, host
+from mtl.balancing.aggregators.base import GradientAggregator, gramian, host
 from mtl.balancing.solvers import power_balance
 
 

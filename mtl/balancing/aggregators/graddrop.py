@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtl.balancing.aggregator import GradientAggregator, seeded_generator
+from mtl.balancing.aggregators.base import GradientAggregator, seeded_generator
 
 
 class GradDrop(GradientAggregator):

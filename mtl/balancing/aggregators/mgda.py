@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtl.balancing.aggregator import GradientAggregator, gramian, host
+from mtl.balancing.aggregators.base import GradientAggregator, gramian, host
 from mtl.balancing.solvers import min_norm_simplex
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -38,7 +38,7 @@ class MGDA(GradientAggregator):
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
         self.normalization = normalization
-        self.requires_losses = normalization in ("loss", "loss+")
+        self.needs_losses = normalization in ("loss", "loss+")
         self.eps = eps
 
     def aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl.balancing.aggregator import GradientAggregator, gramian, host, seeded_generator
+from mtl.balancing.aggregators.base import GradientAggregator, gramian, host, seeded_generator
 
 
 class PCGrad(GradientAggregator):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtl.balancing.weighting import LossWeighting, all_reduce_sum_
+from mtl.balancing.weightings.base import LossWeighting, all_reduce_sum_
 
 
 class DWA(LossWeighting):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mtl.balancing.weighting import LossWeighting
+from mtl.balancing.weightings.base import LossWeighting
 
 
 class EW(LossWeighting):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtl.balancing.weighting import LossWeighting
+from mtl.balancing.weightings.base import LossWeighting
 
 
 class GLS(LossWeighting):

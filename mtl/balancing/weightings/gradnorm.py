@@ -7,7 +7,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from mtl.balancing.weighting import LossWeighting
+from mtl.balancing.weightings.base import LossWeighting
 
 
 class GradNorm(LossWeighting):
@@ -53,7 +53,6 @@ class GradNorm(LossWeighting):
     """
 
     needs_shared_parameters: ClassVar[bool] = True
-    has_trainable_parameters: ClassVar[bool] = True
     _min_weight: ClassVar[float] = 1e-4
 
     def __init__(self, num_tasks: int, alpha: float = 1.5) -> None:

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtl.balancing.weighting import LossWeighting
+from mtl.balancing.weightings.base import LossWeighting
 
 
 class IMTLL(LossWeighting):
@@ -30,7 +30,6 @@ class IMTLL(LossWeighting):
         init_log_scale: initial value of every :math:`s_t`.
     """
 
-    has_trainable_parameters: ClassVar[bool] = True
 
     def __init__(self, num_tasks: int, init_log_scale: float = 0.0) -> None:
         super().__init__(num_tasks)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl.balancing.weighting import LossWeighting
+from mtl.balancing.weightings.base import LossWeighting
 
 
 class RLW(LossWeighting):

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import Tensor
 
-from mtl.balancing.weighting import LossWeighting, per_task_list
+from mtl.balancing.weightings.base import LossWeighting, per_task_list
 
 
 class Static(LossWeighting):

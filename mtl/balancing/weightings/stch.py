@@ -7,7 +7,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from mtl.balancing.weighting import LossWeighting, all_reduce_sum_, per_task_list
+from mtl.balancing.weightings.base import LossWeighting, all_reduce_sum_, per_task_list
 
 
 class STCH(LossWeighting):

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtl.balancing.weighting import LossWeighting
+from mtl.balancing.weightings.base import LossWeighting
 
 
 class UW(LossWeighting):
@@ -32,7 +32,6 @@ class UW(LossWeighting):
         init_log_variance: initial value of every :math:`s_t`.
     """
 
-    has_trainable_parameters: ClassVar[bool] = True
 
     def __init__(self, num_tasks: int, init_log_variance: float = 0.0) -> None:
         super().__init__(num_tasks)

@@ -55,7 +55,7 @@ class GradientAggregator(nn.Module, abc.ABC):
     """
 
     #: Whether :meth:`forward` needs the task losses (DB-MTL; MGDA with loss normalisation).
-    requires_losses: bool = False
+    needs_losses: bool = False
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
@@ -86,7 +86,7 @@ class GradientAggregator(nn.Module, abc.ABC):
             losses = losses.detach().reshape(-1).to(device=J.device, dtype=torch.float32)
             if losses.numel() != self.num_tasks:
                 raise ValueError(f"losses must have {self.num_tasks} entries, got {losses.numel()}.")
-        elif self.requires_losses:
+        elif self.needs_losses:
             raise ValueError(
                 f"{type(self).__name__} needs the task losses: call it as aggregator(J, losses)."
             )

@@ -18,8 +18,8 @@ Contract with the training loop (all hooks are no-ops unless a method needs them
    ``total = (weights * losses).sum() + weighting.regularization(losses)``, then backward.
    :meth:`LossWeighting.weighted_loss` does exactly this. ``forward`` must come before
    ``regularization`` (GradNorm caches what its regularization needs in ``forward``).
-2. If ``has_trainable_parameters``: the weighting's ``parameters()`` must be in the optimizer
-   (best as their own parameter group with ``weight_decay=0``).
+2. The weighting's ``parameters()`` (learned weights: UW, IMTL-L, GradNorm) are optimised with the
+   model, best as their own parameter group with ``weight_decay=0``.
 3. If ``needs_losses_after_step``: after each optimizer step, recompute the task losses on the
    *same batch* with the updated model (under ``torch.no_grad()``) and call
    ``after_optimizer_step(new_losses)``.
@@ -50,12 +50,10 @@ class LossWeighting(nn.Module, abc.ABC):
 
     Class attributes (read by the training module):
         needs_shared_parameters: ``forward`` takes ``shared_parameters`` (GradNorm).
-        has_trainable_parameters: ``parameters()`` must be optimised with the model.
         needs_losses_after_step: ``after_optimizer_step`` must be called with recomputed losses.
     """
 
     needs_shared_parameters: ClassVar[bool] = False
-    has_trainable_parameters: ClassVar[bool] = False
     needs_losses_after_step: ClassVar[bool] = False
 
     def __init__(self, num_tasks: int) -> None:
