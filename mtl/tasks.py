@@ -7,7 +7,6 @@ tasks is the single source of truth.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -92,9 +91,10 @@ class Task:
         return ("mae", "rmse")
 
     @property
-    def higher_is_better(self) -> bool:
-        """Whether a larger value of the primary metric is better."""
-        return self.metric != "mae" and self.metric != "rmse"
+    def metric_directions(self) -> dict[str, bool]:
+        """``{metric: higher_is_better}`` for every metric of this task and its ``loss``."""
+        up = self.kind != "regression"
+        return {**{name: up for name in self.metric_names}, "loss": False}
 
     # ----------------------------------------------------------------------------------- labels
     def label_mask(self, target: Tensor) -> Tensor:
@@ -195,12 +195,6 @@ class Task:
         if self.kind == "multilabel":
             return out.sigmoid(), y.reshape(out.shape).long()
         return out.reshape(-1).float(), y.reshape(-1).to(out.dtype).float()
-
-    def better(self, a: float, b: float) -> bool:
-        """Whether primary-metric value ``a`` is better than ``b``."""
-        if math.isnan(b):
-            return not math.isnan(a)
-        return a > b if self.higher_is_better else a < b
 
 
 def tasks_from_config(spec: Mapping[str, Mapping] | None) -> dict[str, Task]:

@@ -49,8 +49,8 @@ def test_kinds_sizes_and_metrics():
     assert set(Task("a", num_classes=4).make_metrics().keys()) == {"acc", "f1"}
     assert set(Task("b", kind="binary").make_metrics().keys()) == {"acc", "auroc"}
     assert set(Task("d", kind="regression").make_metrics().keys()) == {"mae", "rmse"}
-    assert Task("a", num_classes=4).higher_is_better
-    assert not Task("d", kind="regression").higher_is_better
+    assert Task("a", num_classes=4).metric_directions == {"acc": True, "f1": True, "loss": False}
+    assert Task("d", kind="regression").metric_directions == {"mae": False, "rmse": False, "loss": False}
 
 
 def test_binary_and_multilabel_metrics_on_masked_examples():

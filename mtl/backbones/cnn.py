@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from mtl.backbones.base import Backbone
+from mtl.backbones.base import Backbone, image_channels
 
 
 class CNN(Backbone):
@@ -17,7 +17,7 @@ class CNN(Backbone):
     is skipped once a feature map is smaller than 2x2, so small images (8x8 digits) work.
 
     Args:
-        in_channels: channels of the input images.
+        input_shape: shape of one image, ``(C, H, W)`` or ``(H, W)`` (None: one channel).
         channels: output channels of each block; ``out_features`` is the last one.
         pool_every: max-pool after every ``pool_every`` blocks (0: never).
         pool_size: output grid of the final adaptive average pooling, ``(rows, cols)`` or an int;
@@ -28,7 +28,7 @@ class CNN(Backbone):
 
     def __init__(
         self,
-        in_channels: int = 1,
+        input_shape: Sequence[int] | None = None,
         channels: Sequence[int] = (32, 64),
         pool_every: int = 1,
         pool_size: int | Sequence[int] = 1,
@@ -37,7 +37,7 @@ class CNN(Backbone):
         super().__init__()
         if not channels:
             raise ValueError("backbone.channels must list at least one block width.")
-        self.in_channels = int(in_channels)
+        self.in_channels = image_channels(input_shape, 1, "cnn")
         blocks = []
         width = self.in_channels
         for i, c in enumerate(channels):
@@ -59,7 +59,7 @@ class CNN(Backbone):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"CNN backbone expects images [B, {self.in_channels}, H, W] (or [B, H, W] for one "
-                f"channel), got shape {tuple(x.shape)}. Set backbone.in_channels to match the data."
+                f"channel), got shape {tuple(x.shape)}; it was built for input_shape with {self.in_channels} channel(s)."
             )
         return x
 

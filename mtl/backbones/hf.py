@@ -9,7 +9,7 @@ written by ``save_pretrained`` (or a snapshot directory of the Hugging Face cach
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -78,13 +78,21 @@ class HFBackbone(Backbone):
     state dict holds the Hugging Face model's own keys under ``model.``.
 
     Args:
+        input_shape: the shape of one example (token ids ``(L,)``); taken for the family's common
+            constructor and not needed (sequence lengths may vary).
         path: local directory holding ``config.json`` and the weights.
         pooling: ``cls`` or ``mean``.
         model_kwargs: extra keyword arguments for ``AutoModel.from_pretrained`` (``dtype``,
             ``attn_implementation``, ...).
     """
 
-    def __init__(self, path: str, pooling: str = "cls", model_kwargs: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int] | None = None,
+        path: str | None = None,
+        pooling: str = "cls",
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"backbone.pooling must be 'cls' or 'mean', got '{pooling}'.")

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import nn
 
-from mtl.backbones.base import Backbone
+from mtl.backbones.base import Backbone, flat_features
 
 
 class MLP(Backbone):
@@ -15,7 +15,7 @@ class MLP(Backbone):
     Each hidden layer is one stage.
 
     Args:
-        in_features: number of input features after flattening (e.g. 64 for 8x8 images).
+        input_shape: shape of one example; it is flattened (``(64,)``, or ``(8, 8)`` for 8x8 images).
         hidden: widths of the hidden layers; ``out_features`` is the last one.
         activation: ``relu``, ``gelu`` or ``tanh``.
         dropout: dropout after each activation.
@@ -24,7 +24,7 @@ class MLP(Backbone):
 
     def __init__(
         self,
-        in_features: int,
+        input_shape: Sequence[int] | None = None,
         hidden: Sequence[int] = (128, 64),
         activation: str = "relu",
         dropout: float = 0.0,
@@ -36,7 +36,7 @@ class MLP(Backbone):
         acts = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
         if activation not in acts:
             raise ValueError(f"backbone.activation must be one of {sorted(acts)}, got '{activation}'.")
-        self.in_features = int(in_features)
+        self.in_features = flat_features(input_shape, "mlp")
         stages = []
         width = self.in_features
         for i, h in enumerate(hidden):

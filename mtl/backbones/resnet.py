@@ -3,10 +3,12 @@ CVPR 2016), written here so that its stages are the ones structure sharing needs
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
-from mtl.backbones.base import Backbone
+from mtl.backbones.base import Backbone, image_channels
 
 #: Basic blocks per stage for each supported depth (ResNet-50 and deeper use bottleneck blocks,
 #: which this backbone does not implement).
@@ -29,12 +31,13 @@ class ResNet(Backbone):
     * ``small_input=False`` (ImageNet style): ``Conv7x7(stride 2) -> BN -> ReLU -> MaxPool3x3(stride 2)``.
 
     Feature maps never shrink below 1x1 (a stride-2 3x3 convolution with padding 1 maps 1x1 to 1x1),
-    so tiny inputs work too. With ``depth=18, width=64, in_channels=3`` the trunk (no classifier)
+    so tiny inputs work too. With ``depth=18, width=64`` and 3 input channels the trunk (no classifier)
     has 11,176,512 parameters with the ImageNet stem, the torchvision ``resnet18`` count without
     its ``fc``, and 11,168,832 with the small-input stem (the 3x3 stem has 7,680 fewer weights).
 
     Args:
-        in_channels: channels of the input images; ``[B, H, W]`` inputs are read as one channel.
+        input_shape: shape of one image, ``(C, H, W)`` or ``(H, W)`` (None: 3 channels); ``[B, H, W]``
+            inputs are read as one channel.
         depth: 10, 18 or 34 (basic blocks per stage: 1-1-1-1, 2-2-2-2, 3-4-6-3).
         width: channels of the stem and the first stage.
         num_stages: how many of the four stages to keep (1 to 4).
@@ -43,7 +46,7 @@ class ResNet(Backbone):
 
     def __init__(
         self,
-        in_channels: int = 3,
+        input_shape: Sequence[int] | None = None,
         depth: int = 18,
         width: int = 64,
         num_stages: int = 4,
@@ -59,7 +62,7 @@ class ResNet(Backbone):
             raise ValueError(f"backbone.num_stages must be between 1 and 4, got {num_stages}.")
         if width < 1:
             raise ValueError(f"backbone.width must be positive, got {width}.")
-        self.in_channels = int(in_channels)
+        self.in_channels = image_channels(input_shape, 3, "resnet")
         self.depth = int(depth)
         self.width = int(width)
         self.small_input = bool(small_input)
@@ -108,7 +111,7 @@ class ResNet(Backbone):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"ResNet backbone expects images [B, {self.in_channels}, H, W] (or [B, H, W] for one "
-                f"channel), got shape {tuple(x.shape)}. Set backbone.in_channels to match the data."
+                f"channel), got shape {tuple(x.shape)}; it was built for input_shape with {self.in_channels} channel(s)."
             )
         return x
 

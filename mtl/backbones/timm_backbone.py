@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from mtl.backbones.base import Backbone
+from mtl.backbones.base import Backbone, image_channels
 
 #: Top-level children of timm models that belong to the classifier head, i.e. that
 #: ``forward_head`` uses rather than ``forward_features``.
@@ -97,7 +97,7 @@ class TimmBackbone(Backbone):
 
     Args:
         model_name: any name ``timm.list_models()`` knows, e.g. ``resnet18``, ``convnext_tiny``.
-        in_channels: input channels (``in_chans`` in timm); null in config = read from the data.
+        input_shape: shape of one image, ``(C, H, W)`` (timm's ``in_chans`` is ``C``; None: 3).
         pretrained: load the model's default pretrained weights from the local Hugging Face cache.
             Nothing is downloaded: if they are not cached, an error says how to get them.
         pretrained_path: a local weights file (see :func:`load_state_dict_file`); wins over
@@ -112,8 +112,8 @@ class TimmBackbone(Backbone):
 
     def __init__(
         self,
-        model_name: str,
-        in_channels: int = 3,
+        input_shape: Sequence[int] | None = None,
+        model_name: str = "resnet18",
         pretrained: bool = False,
         pretrained_path: str | None = None,
         cache_dir: str | None = None,
@@ -125,7 +125,7 @@ class TimmBackbone(Backbone):
             raise ValueError(f"backbone.split must be 'auto', 'blocks' or 'none', got '{split}'.")
         timm = require("timm", "timm")
         self.model_name = str(model_name)
-        self.in_channels = int(in_channels)
+        self.in_channels = image_channels(input_shape, 3, "timm")
         kwargs = dict(model_kwargs or {})
         try:
             self.model = timm.create_model(

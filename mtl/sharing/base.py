@@ -57,6 +57,11 @@ class Sharing(nn.Module, abc.ABC):
         """Parameters used by every task (the ones objective sharing balances)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def regularization(self) -> Tensor | None:
+        """The structure's own loss term from the last training-mode forward pass (DSelect-k's
+        gate regularizer), added to the task-specific parameters' objective; None by default."""
+        return None
+
     @abc.abstractmethod
     def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> SharedFeatures:
         """Features of ``tasks`` (default: all served tasks) and the shared representation."""

@@ -14,7 +14,8 @@ Schedules are pure functions of :math:`p`, so resuming or running on several ran
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 CONFIG_KEY = "schedule.stages.<stage>.alpha"
 
@@ -78,3 +79,52 @@ def alpha_at(
         )
     passed = sum(p >= m for m in marks)
     return a0 + (a1 - a0) * passed / len(marks)
+
+
+@dataclass(frozen=True)
+class AlphaSchedule:
+    """The source weight of a combined stage across its epochs.
+
+    Args:
+        start: :math:`\\alpha` at the first epoch.
+        end: :math:`\\alpha` at the last epoch (None: ``start``).
+        schedule: ``constant``, ``linear``, ``cosine`` or ``step`` (see :func:`alpha_at`).
+    """
+
+    start: float = 0.5
+    end: float | None = None
+    schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        alpha_at(self.schedule, 0.0, self.start, self.start if self.end is None else self.end)  # validates
+
+    def at(self, epoch: int, max_epochs: int | None) -> float:
+        """:math:`\\alpha` at ``epoch`` of ``max_epochs`` (progress ``epoch / (max_epochs - 1)``)."""
+        if self.schedule == "constant":
+            return float(self.start)
+        total = max(1, (max_epochs or 1) - 1)
+        end = self.start if self.end is None else self.end
+        return alpha_at(self.schedule, min(1.0, epoch / total), self.start, end)
+
+
+def mixing_weights(
+    task_weights: Mapping[str, float], targets: Sequence[str], sources: Sequence[str] = (), alpha: float = 0.5
+) -> dict[str, float]:
+    """Static loss weights of a stage.
+
+    Without source tasks every target's weight is its own (``Task.weight``; the loss is
+    ``sum_t w_t L_t``). With source tasks (a combined stage) the loss is
+    ``alpha * mean_s(w_s L_s) + (1 - alpha) * mean_t(w_t L_t)``.
+
+    Args:
+        task_weights: ``{task: w_t}`` for every target and source.
+        targets, sources: task names.
+        alpha: the source weight, in ``[0, 1]``.
+    """
+    if not sources:
+        return {t: float(task_weights[t]) for t in targets}
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    w = {t: (1.0 - alpha) * task_weights[t] / len(targets) for t in targets}
+    w.update({s: alpha * task_weights[s] / len(sources) for s in sources})
+    return w

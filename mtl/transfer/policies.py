@@ -16,25 +16,28 @@ bottom block (closest to the input) and index ``n - 1`` the top one. Several pol
 
 The heads are at depth 0.
 
-Policies (``make_policy(name, **options)``; option names are the keys of the stage's ``policy``
-config):
+Policies are built by ``_target_`` (a stage's ``policy: {_target_: mtl.transfer.policies.LayerDecay,
+decay: 0.75}``, or the presets ``policy@schedule.stages.<stage>.policy=layer_decay`` in
+``conf/policy/``); their arguments are the config keys:
 
 ========================  ===================================================================
-``full``                  every block at 1
-``linear_probe``          every block at 0 (heads only)
-``probe_then_full``       0 for ``probe_epochs``, then ``backbone_lr_scale`` (fastai ``fine_tune``)
-``gradual_unfreeze``      the top ``e + 1`` blocks train at epoch ``e`` (ULMFiT)
-``discriminative_lr``     ``factor ** -d`` (ULMFiT)
-``layer_decay``           ``decay ** d`` (BEiT)
-``backbone_ramp``         0 until ``unfreeze_at_epoch``, then a geometric ramp (Lightning's
+``Full``                  every block at 1
+``LinearProbe``           every block at 0 (heads only)
+``ProbeThenFull``         0 for ``probe_epochs``, then ``backbone_lr_scale`` (fastai ``fine_tune``)
+``GradualUnfreeze``       the top ``e + 1`` blocks train at epoch ``e`` (ULMFiT)
+``DiscriminativeLR``      ``factor ** -d`` (ULMFiT)
+``LayerDecay``            ``decay ** d`` (BEiT)
+``BackboneRamp``          0 until ``unfreeze_at_epoch``, then a geometric ramp (Lightning's
                           ``BackboneFinetuning``)
 ========================  ===================================================================
+
+:class:`~mtl.transfer.finetuning.FineTuning` applies a policy to a model (its parameter groups,
+including the shared parts of the sharing structure, which follow the top block).
 """
 
 from __future__ import annotations
 
 import abc
-import inspect
 import math
 from typing import Any
 
@@ -129,8 +132,6 @@ class FineTunePolicy(abc.ABC):
     (frozen normalisation statistics), see :meth:`frozen_blocks`.
     """
 
-    name: str = "base"
-
     @abc.abstractmethod
     def multipliers(self, epoch: int, num_blocks: int) -> list[float]:
         """Learning-rate multiplier of each block at ``epoch`` (0-based), bottom to top.
@@ -159,7 +160,6 @@ class FineTunePolicy(abc.ABC):
 class Full(FineTunePolicy):
     """Full fine-tuning: every block trains at the base learning rate (multiplier 1)."""
 
-    name = "full"
 
     def multipliers(self, epoch: int, num_blocks: int) -> list[float]:
         _check_call(epoch, num_blocks)
@@ -169,7 +169,6 @@ class Full(FineTunePolicy):
 class LinearProbe(FineTunePolicy):
     """Linear probing: the backbone is frozen throughout (every multiplier 0); only heads train."""
 
-    name = "linear_probe"
 
     def multipliers(self, epoch: int, num_blocks: int) -> list[float]:
         _check_call(epoch, num_blocks)
@@ -203,7 +202,6 @@ class ProbeThenFull(FineTunePolicy):
         head_lr_scale: :math:`h`, multiplier of the heads afterwards (default 1; fastai halves it).
     """
 
-    name = "probe_then_full"
 
     def __init__(self, probe_epochs: int = 1, backbone_lr_scale: float = 0.1, head_lr_scale: float = 1.0) -> None:
         self.probe_epochs = _option("probe_epochs", probe_epochs, minimum=0, integer=True)
@@ -245,7 +243,6 @@ class GradualUnfreeze(FineTunePolicy):
             1: no discrimination).
     """
 
-    name = "gradual_unfreeze"
 
     def __init__(self, start_epoch: int = 0, epochs_per_block: int = 1, factor: float = 1.0) -> None:
         self.start_epoch = _option("start_epoch", start_epoch, minimum=0, integer=True)
@@ -277,7 +274,6 @@ class DiscriminativeLR(FineTunePolicy):
         factor: :math:`f > 0` (ULMFiT: 2.6).
     """
 
-    name = "discriminative_lr"
 
     def __init__(self, factor: float = 2.6) -> None:
         self.factor = _option("factor", factor, minimum=0, strict_min=True)
@@ -306,7 +302,6 @@ class LayerDecay(FineTunePolicy):
             recipe for ViT-B (0.75 for ViT-L, 0.9 is the argparse default of its script).
     """
 
-    name = "layer_decay"
 
     def __init__(self, decay: float = 0.65) -> None:
         self.decay = _option("decay", decay, minimum=0, maximum=1, strict_min=True)
@@ -337,7 +332,6 @@ class BackboneRamp(FineTunePolicy):
         max_ratio: :math:`r_\max > 0`, cap (default 1).
     """
 
-    name = "backbone_ramp"
 
     def __init__(
         self,
@@ -359,38 +353,3 @@ class BackboneRamp(FineTunePolicy):
         log_ratio = math.log(self.initial_ratio) + (epoch - self.unfreeze_at_epoch) * math.log(self.ramp)
         ratio = self.max_ratio if log_ratio >= math.log(self.max_ratio) else math.exp(log_ratio)
         return [ratio] * num_blocks
-
-
-#: Policy name -> class, for :func:`make_policy`.
-POLICIES: dict[str, type[FineTunePolicy]] = {
-    cls.name: cls
-    for cls in (Full, LinearProbe, ProbeThenFull, GradualUnfreeze, DiscriminativeLR, LayerDecay, BackboneRamp)
-}
-
-
-def make_policy(name: str, **options: Any) -> FineTunePolicy:
-    """Build a policy by name, e.g. ``make_policy("layer_decay", decay=0.75)``.
-
-    Args:
-        name: one of ``full``, ``linear_probe``, ``probe_then_full``, ``gradual_unfreeze``,
-            ``discriminative_lr``, ``layer_decay``, ``backbone_ramp``.
-        options: the policy's keyword arguments (see each class).
-
-    Raises:
-        ValueError: unknown name or option, or an option out of range; the message names the
-            config key ``schedule.stages.<stage>.policy...``.
-    """
-    cls = POLICIES.get(str(name))
-    if cls is None:
-        raise ValueError(f"{CONFIG_KEY}: unknown policy '{name}'; choose one of {sorted(POLICIES)}.")
-    accepted = [
-        p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"{CONFIG_KEY}: policy '{name}' has no option(s) {unknown}; it accepts {accepted or 'none'}."
-        )
-    return cls(**options)
