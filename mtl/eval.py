@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.module import MultiTaskModule
 from mtl.report import print_results
+from mtl.results import nest, task_directions
 from mtl.tasks import Task
-from mtl.train import CONFIG_DIR, input_kwargs
+from mtl.train import CONFIG_DIR, build_model
 from mtl.transfer.loading import load_weights
 
 
@@ -52,21 +53,19 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"The checkpoint's task(s) {missing} are not in the data {list(datamodule.tasks)}.")
     used = meta["target_tasks"] + [s for s in meta["source_tasks"] if s not in meta["target_tasks"]]
     datamodule.select_tasks(meta["target_tasks"], meta["source_tasks"])
-    backbone = instantiate(source.backbone, **input_kwargs(source.backbone, datamodule))
-    sharing = instantiate(source.sharing, _convert_="all") if source.get("sharing") else None
-    model = instantiate(source.model, backbone=backbone, tasks=tasks, sharing=sharing, _convert_="all")
+    model = build_model(source, datamodule)(tasks)
     report = load_weights(model, ckpt)
     print(report.summary())
     module = MultiTaskModule(model, tasks=meta["target_tasks"], source_tasks=meta["source_tasks"])
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     out = trainer.test(module, datamodule=datamodule, verbose=False)
-    flat = {k: float(v) for d in out for k, v in d.items()}
-    per_task = {t: {"test": {}} for t in used}
-    for key, value in flat.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[1] in per_task:
-            per_task[parts[1]]["test"][parts[2]] = value
-    return {"stages": {"eval": {"tasks": per_task, "source_tasks": meta["source_tasks"]}}}
+    test = nest({k: v for d in out for k, v in d.items()}, "test")
+    stage = {
+        "tasks": {t: {"test": test.get(t, {})} for t in used},
+        "directions": task_directions({t: tasks[t] for t in used}),
+        "source_tasks": meta["source_tasks"],
+    }
+    return {"stages": {"eval": stage}}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

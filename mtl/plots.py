@@ -21,7 +21,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from mtl.report import LOWER_IS_BETTER, find_runs, task_metrics
+from mtl.report import find_runs
+from mtl.results import higher_is_better, task_metrics
 
 
 def _plt():
@@ -223,7 +224,8 @@ def plot_pareto(
         names = (ma, mb)
     if len(points) < 2:
         return None
-    maximize = (names[0] not in LOWER_IS_BETTER, names[1] not in LOWER_IS_BETTER)
+    first = per_run[0][0].results
+    maximize = (higher_is_better(first, a, names[0]), higher_is_better(first, b, names[1]))
     front = pareto_front(points, maximize)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))

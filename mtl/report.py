@@ -15,28 +15,25 @@ every task ``t`` and metric ``m``, of the signed relative change against the sin
     Δm = 100 / K · Σ_(t,m) (−1)^l(m) · (M_(t,m) − B_(t,m)) / B_(t,m)
 
 where ``K`` is the number of (task, metric) pairs, ``l(m)`` is 1 when a lower value of ``m`` is
-better (mae, rmse, loss) and 0 otherwise, and ``M``, ``B`` are the means over seeds of the method
-and of the baseline. A positive Δm means better than single-task learning on average.
+better and 0 otherwise (each metric's direction is recorded in ``results.json`` from its task),
+and ``M``, ``B`` are the means over seeds of the method and of the baseline. A positive Δm means better than single-task learning on average.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-#: Metrics for which a lower value is better; every other metric is higher-is-better.
-LOWER_IS_BETTER = frozenset({"loss", "mae", "rmse", "mse"})
+from mtl.results import config_hash, higher_is_better, read_json, task_metrics
 
 
 def results_table(results: Mapping[str, Any], title: str = "Final metrics (best checkpoint)") -> Table:
@@ -147,9 +144,9 @@ def find_runs(dirs: Iterable[str | Path]) -> list[Run]:
             runs.append(Run(job, None, overrides, _job_error(job)))
             continue
         try:
-            results = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            runs.append(Run(job, None, overrides, f"unreadable results.json: {err}"))
+            results = read_json(path)
+        except ValueError as err:
+            runs.append(Run(job, None, overrides, str(err)))
             continue
         if results.get("status") == "failed":
             runs.append(Run(job, None, overrides, _last_line(str(results.get("error") or "failed"))))
@@ -163,27 +160,22 @@ def _job_sort_key(path: Path) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------- metrics
-def task_metrics(results: Mapping[str, Any], split: str = "test") -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` of a run, each task's metrics from the LAST stage containing it."""
-    out: dict[str, dict[str, float]] = {}
-    for stage in (results.get("stages") or {}).values():
-        for task, splits in (stage.get("tasks") or {}).items():
-            metrics = (splits or {}).get(split) or {}
-            if metrics:
-                out[task] = {k: float(v) for k, v in metrics.items()}
-    return out
-
-
-def delta_m(method: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]]) -> float:
+def delta_m(
+    method: Mapping[str, Mapping[str, float]],
+    baseline: Mapping[str, Mapping[str, float]],
+    higher: Callable[[str, str], bool] = lambda task, metric: higher_is_better({}, task, metric),
+) -> float:
     """Δm in percent (see the module docstring) of ``{task: {metric: value}}`` against a baseline.
 
-    Every (task, metric) pair of ``method`` must be in ``baseline``; raises KeyError otherwise.
+    ``higher(task, metric)`` says whether a larger value is better (default: from the metric's
+    name, for results without recorded directions). Every (task, metric) pair of ``method`` must be
+    in ``baseline``; raises KeyError otherwise.
     """
     terms = []
     for task, metrics in method.items():
         for metric, value in metrics.items():
             base = baseline[task][metric]
-            sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+            sign = 1.0 if higher(task, metric) else -1.0
             terms.append(sign * (value - base) / abs(base) if base != 0 else math.nan)
     if not terms:
         return math.nan
@@ -239,10 +231,6 @@ def _strip_seed(config: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def group_runs(runs: Sequence[Run]) -> list[Group]:
     """Group runs by their overrides other than ``seed`` (or config hash without seed)."""
     groups: dict[str, Group] = {}
@@ -252,7 +240,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
             key = "overrides:" + "\n".join(overrides)
         elif run.results is not None:
             overrides = []
-            key = "config:" + _hash(_strip_seed(run.config))
+            key = "config:" + config_hash(_strip_seed(run.config))
         else:
             overrides, key = [], f"path:{run.path}"
         groups.setdefault(key, Group(key, overrides)).runs.append(run)
@@ -275,7 +263,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
 def _match_key(config: Mapping[str, Any]) -> str:
     """What a method and its single-task baseline must share: data, backbone, schedule name."""
     stripped = _strip_seed(config)
-    return _hash(
+    return config_hash(
         {
             "data": stripped.get("data"),
             "backbone": config.get("backbone"),
@@ -349,7 +337,8 @@ def build_report(
             if g.is_baseline:
                 dm_text = "baseline"
             elif g.baseline is not None:
-                dm = delta_m(g.means(split, metrics), g.baseline.means(split, metrics))
+                first = g.ok_runs[0].results
+                dm = delta_m(g.means(split, metrics), g.baseline.means(split, metrics), lambda t, m: higher_is_better(first, t, m))
                 dm_text = f"{dm:+.2f}"
             else:
                 dm_text = ""

@@ -17,15 +17,15 @@ caught: stopping a sweep stops it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from hydra.experimental.callback import Callback
+
+from mtl.results import failed_results, lookup_metric, write_json
 
 log = logging.getLogger("mtl.sweeps")
 
@@ -47,9 +47,8 @@ def objective(cfg: Mapping[str, Any], results: Mapping[str, Any]) -> Objective:
     """The value(s) returned to the sweeper: a float for one metric, a tuple for several, or None.
 
     Metric names are ``<stage>/<split>/<task>/<metric>``; a wrong name raises ValueError listing the
-    valid ones (see :func:`mtl.schedule.lookup_metric`).
+    valid ones (see :func:`mtl.results.lookup_metric`).
     """
-    from mtl.schedule import lookup_metric
 
     names = objective_names(cfg)
     if not names:
@@ -83,16 +82,7 @@ def record_failure(run_dir: str | Path, error: BaseException, config: Any = None
     run_dir.mkdir(parents=True, exist_ok=True)
     trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     (run_dir / "error.txt").write_text(trace)
-    failed = {
-        "status": "failed",
-        "error": f"{type(error).__name__}: {error}",
-        "traceback": trace,
-        "stages": {},
-        "config": config,
-    }
-    tmp = run_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(failed, indent=2, default=str))
-    os.replace(tmp, run_dir / "results.json")
+    write_json(run_dir / "results.json", failed_results(error, trace, config))
 
 
 def run_job(

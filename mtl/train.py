@@ -6,125 +6,74 @@ Usage: ``mtl-train [group=option ...] [key=value ...]``, ``mtl-train -m key=a,b`
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.balancing import GradientAggregator
+from mtl.model import MultiTaskModel
 from mtl.report import print_results
-from mtl.schedule import (
-    Builders,
-    ScheduleRunner,
-    default_module,
-    lookup_metric,
-    single_task_stages,
-    stages_from_dict,
-)
+from mtl.results import lookup_metric
+from mtl.schedule import Builders, ScheduleConfig, ScheduleRunner, single_task_stages, stages_from_dict
 from mtl.sweeps import run_job
+from mtl.tasks import Task
 
 # mtl/conf links to the repository's conf/ (a wheel carries the files themselves)
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
-
-def input_kwargs(backbone_cfg: DictConfig, datamodule: Any) -> dict[str, int]:
-    """Fill a backbone's ``in_features`` / ``in_channels`` left null in config from the data."""
-    shape = datamodule.input_shape
-    out = {}
-    if "in_features" in backbone_cfg and backbone_cfg.in_features is None:
-        if any(d < 0 for d in shape):
-            raise ValueError(
-                f"backbone.in_features cannot be inferred: the datasets' input shapes differ ({shape}, "
-                f"-1 where they differ). Use a backbone that pools, such as backbone=cnn."
-            )
-        out["in_features"] = int(math.prod(shape))
-    if "in_channels" in backbone_cfg and backbone_cfg.in_channels is None:
-        out["in_channels"] = int(shape[0]) if len(shape) == 3 else 1
-    return out
+# the schedule presets extend this schema (conf/schedule/*.yaml: `defaults: [base, _self_]`)
+ConfigStore.instance().store(group="schedule", name="base", node=ScheduleConfig)
 
 
-def balancer_config(spec: Any, where: str) -> DictConfig | None:
-    """A stage's balancer: None, a preset name (``pcgrad``) or a ``{method: ..., space: ...}`` mapping."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        path = Path(CONFIG_DIR) / "balancer" / f"{spec}.yaml"
-        if not path.is_file():
-            names = sorted(p.stem for p in path.parent.glob("*.yaml"))
-            raise ValueError(f"{where}: no balancer preset '{spec}'; choose one of {names}.")
-        return OmegaConf.load(path)
-    return OmegaConf.create(spec)
+def build_model(cfg: DictConfig, datamodule: Any) -> Callable[[dict[str, Task]], MultiTaskModel]:
+    """``tasks -> MultiTaskModel`` from the ``backbone``, ``sharing`` and ``model`` configs.
+
+    Every backbone takes ``input_shape`` (the shape of one example); left null in config it is the
+    data's. Used by ``mtl-train`` and ``mtl-eval`` alike.
+    """
+    shape = cfg.backbone.get("input_shape") or list(datamodule.input_shape)
+
+    def make(tasks: dict[str, Task]) -> MultiTaskModel:
+        backbone = instantiate(cfg.backbone, input_shape=shape, _convert_="all")
+        sharing = instantiate(cfg.sharing, _convert_="all") if cfg.get("sharing") else None
+        return instantiate(cfg.model, backbone=backbone, tasks=tasks, sharing=sharing, _convert_="all")
+
+    return make
 
 
-def check_trainer_for_aggregator(trainer_cfg: DictConfig, bcfg: DictConfig) -> None:
-    """Refuse trainer settings that manual optimization cannot honour, with what to do instead."""
-    name = str(bcfg.method.get("_target_", "")).rsplit(".", 1)[-1]
-    if int(trainer_cfg.get("accumulate_grad_batches") or 1) != 1:
-        raise ValueError(
-            f"trainer.accumulate_grad_batches={trainer_cfg.accumulate_grad_batches} is not supported "
-            f"with the gradient aggregator {name} (it aggregates each batch's task gradients); use a "
-            f"larger data.batch_size or a loss weighting balancer."
+def build_trainer(cfg: DictConfig) -> Callable[..., pl.Trainer]:
+    """``(stage, stage_dir, callbacks, balancer) -> pl.Trainer`` from the ``trainer``, ``logger``
+    and ``callbacks`` configs."""
+
+    def make(stage, stage_dir: Path, callbacks: list, balancer: Any) -> pl.Trainer:
+        overrides: dict[str, Any] = {"max_epochs": stage.max_epochs} if stage.max_epochs is not None else {}
+        if isinstance(balancer, GradientAggregator):
+            if int(cfg.trainer.get("accumulate_grad_batches") or 1) != 1:
+                raise ValueError(
+                    f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} is not supported "
+                    f"with the gradient aggregator {type(balancer).__name__} (it aggregates each batch's task "
+                    f"gradients); use a larger data.batch_size or a loss weighting balancer."
+                )
+            overrides["gradient_clip_val"] = None  # the module clips under manual optimization
+        loggers = [instantiate(lg, save_dir=str(stage_dir)) for lg in (cfg.get("logger") or {}).values() if lg]
+        extra = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb]
+        return instantiate(
+            cfg.trainer, default_root_dir=str(stage_dir), callbacks=callbacks + extra, logger=loggers or False, **overrides
         )
+
+    return make
 
 
 def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
     """Everything a run needs, from a composed config (used by ``mtl-train`` and the tests)."""
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup()
-    backbone_inputs = input_kwargs(cfg.backbone, datamodule)
-
-    def make_model(tasks):
-        backbone = instantiate(cfg.backbone, **backbone_inputs)
-        sharing = instantiate(cfg.sharing, _convert_="all") if cfg.get("sharing") else None
-        return instantiate(cfg.model, backbone=backbone, tasks=tasks, sharing=sharing, _convert_="all")
-
-    optimizer = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-
-    def stage_balancer(stage) -> DictConfig | None:
-        """The stage's own balancer config, else the run's."""
-        return balancer_config(stage.balancer, where=f"schedule.stages.{stage.name}.balancer") or cfg.get("balancer")
-
-    def make_module(model, stage, **extra):
-        bcfg = stage_balancer(stage)
-        num_tasks = len(stage.tasks) + len([s for s in stage.source_tasks if s not in stage.tasks])
-        kwargs = {}
-        if bcfg:
-            kwargs["balancer"] = instantiate(bcfg.method, num_tasks=num_tasks, _convert_="all")
-            kwargs["balancer_space"] = bcfg.get("space", "params")
-            kwargs["jacobian_method"] = bcfg.get("jacobian", "auto")
-            kwargs["chunk_size"] = bcfg.get("chunk_size")
-            if isinstance(kwargs["balancer"], GradientAggregator):
-                check_trainer_for_aggregator(cfg.trainer, bcfg)
-                kwargs["gradient_clip_val"] = cfg.trainer.get("gradient_clip_val")
-        return default_module(model, stage, optimizer=optimizer, scheduler=scheduler, **kwargs, **extra)
-
-    def make_trainer(stage, stage_dir, callbacks, max_epochs):
-        loggers = [
-            instantiate(lg, save_dir=str(stage_dir)) for lg in (cfg.get("logger") or {}).values() if lg
-        ]
-        extra = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb]
-        overrides = {"max_epochs": max_epochs} if max_epochs is not None else {}
-        if is_aggregator(stage):  # clipping moves into the module under manual optimization
-            overrides["gradient_clip_val"] = None
-        return instantiate(
-            cfg.trainer,
-            default_root_dir=str(stage_dir),
-            callbacks=callbacks + extra,
-            logger=loggers or False,
-            **overrides,
-        )
-
-    def is_aggregator(stage) -> bool:
-        bcfg = stage_balancer(stage)
-        target = bcfg.method.get("_target_") if bcfg else None
-        return bool(target) and issubclass(get_class(target), GradientAggregator)
-
     stages = stages_from_dict(OmegaConf.to_container(cfg.schedule.stages, resolve=True))
     extra = {}
     baseline = (cfg.get("baseline") or {}).get("name")
@@ -133,10 +82,18 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
         extra["baseline"] = "single_task"
     elif baseline:
         raise ValueError(f"baseline.name must be 'single_task' or null, got '{baseline}'.")
+    builders = Builders(
+        model=build_model(cfg, datamodule),
+        trainer=build_trainer(cfg),
+        optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        balancer=OmegaConf.to_container(cfg.balancer, resolve=True) if cfg.get("balancer") else None,
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+    )
     return ScheduleRunner(
         stages,
         datamodule,
-        Builders(model=make_model, trainer=make_trainer, module=make_module),
+        builders,
         run_dir=run_dir,
         config=OmegaConf.to_container(cfg, resolve=True),
         extra=extra,

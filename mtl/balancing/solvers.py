@@ -25,6 +25,11 @@ Solvers and tolerances:
   ``1e-20`` (full Newton steps once it is below ``1e-6``, so a few iterations past that), when the
   line search finds no decrease, or after ``max_iter = 100`` steps; a ridge ``1e-10 I`` on the normalised ``G`` keeps Pareto-stationary
   inputs finite.
+* :func:`bargaining_weights`: :func:`power_balance` with the two cases where its equation has no
+  positive solution handled explicitly: zero gradients are left out (weight 0), and an update
+  whose cosine with some task gradient is below ``min_cos`` (a (near-)Pareto-stationary point,
+  where the weights grow without bound) is replaced by no update at all (every weight 0).
+* :func:`project_simplex`: Euclidean projection onto the probability simplex, by sorting.
 * :func:`simplex_norm_program`: ``min_{w in simplex} q^T w + r sqrt(w^T G w)`` (the dual of
   CAGrad), by a safeguarded Newton iteration on the exact piecewise-linear path of the simplex QPs
   ``min t q^T w + 1/2 w^T G w``; the answer is the closed form on the optimal face, checked against
@@ -41,12 +46,14 @@ from torch import Tensor
 
 __all__ = [
     "active_set_qp",
+    "bargaining_weights",
     "dual_cone_weights",
     "dual_cone_weights_batched",
     "min_norm_simplex",
     "nonnegative_qp",
     "nonnegative_qp_batched",
     "power_balance",
+    "project_simplex",
     "simplex_norm_program",
     "simplex_qp",
 ]
@@ -278,6 +285,73 @@ def power_balance(
             break  # no decrease representable in float64: converged to round-off
         w, f = w_new, f_new
     return k * w
+
+
+def bargaining_weights(
+    G: Tensor, p: float = 1.0, w0: Tensor | None = None, *, min_cos: float = 1e-3
+) -> Tensor:
+    """:func:`power_balance` where it has a solution, and a bounded answer where it has none.
+
+    ``G w = w^(-p)`` has a positive solution exactly when some direction ``d`` improves every task
+    (``g_t^T d > 0`` for all ``t``; Gordan's alternative: no non-negative, non-zero combination of
+    the rows of ``J`` vanishes). Two cases break that, and both make :func:`power_balance` return
+    weights of order ``1e5`` (its ridge is all that keeps them finite):
+
+    * a zero row (a task without gradient, e.g. no labels in the batch): no direction can improve
+      it. Rows with ``||g_t|| <= 1e-12 max_s ||g_s||`` are left out of the equation and get
+      weight 0; the others are solved for alone.
+    * a (near-)Pareto-stationary point (rows ``g`` and ``-g``; zero inside the convex hull of the
+      gradients): every solution of the perturbed equation has a huge weight along the vanishing
+      combination. The solution's update ``d = J^T w`` is kept only if its cosine with every
+      remaining task gradient is at least ``min_cos``; otherwise no direction improves all tasks
+      to that tolerance and the answer is the bargaining "disagreement point" ``d = 0`` (all
+      weights 0).
+
+    With ``p = 1`` (Nash-MTL) ``||d||^2 = w^T G w = T`` and ``g_t^T d = 1 / w_t``, so a kept solution
+    satisfies ``w_t <= 1 / (min_cos sqrt(T) ||g_t||)``: the weights are bounded by the tolerance.
+
+    Args:
+        G: ``[T, T]`` PSD Gramian.
+        p: exponent, ``> 0``.
+        w0: optional warm start ``[T]`` (used for the kept rows if all positive there).
+        min_cos: smallest cosine between the update and a task gradient that counts as an
+            improvement for that task.
+
+    Returns:
+        ``[T]`` non-negative weights (zero for left-out rows; all zero at a stationary point).
+    """
+    T = G.shape[0]
+    w = torch.zeros(T, dtype=G.dtype, device=G.device)
+    sq_norms = G.diagonal().clamp_min(0)
+    keep = sq_norms > 1e-24 * sq_norms.max()
+    if not bool(keep.any()):
+        return w
+    idx = keep.nonzero().flatten()
+    G_kept = G[idx][:, idx]
+    warm = None if w0 is None else w0.to(G)[idx]
+    w_kept = power_balance(G_kept, p, warm)
+    Gw = G_kept @ w_kept
+    d_norm = (w_kept @ Gw).clamp_min(0).sqrt()
+    cos = Gw / (sq_norms[idx].sqrt() * d_norm)
+    if not (bool(d_norm > 0) and bool(torch.isfinite(cos).all()) and float(cos.min()) >= min_cos):
+        return w
+    w[idx] = w_kept
+    return w
+
+
+def project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of ``v`` (``[T]``) onto ``{x >= 0, sum x = 1}``.
+
+    The sort-based algorithm (Held, Wolfe and Crowder 1974; Duchi et al., ICML 2008): with ``u``
+    sorted in decreasing order and ``rho`` the largest ``k`` with ``u_k > (sum_{i<=k} u_i - 1) / k``,
+    the projection is ``max(v - theta, 0)`` for ``theta = (sum_{i<=rho} u_i - 1) / rho``.
+    """
+    u = torch.sort(v, descending=True).values
+    css = torch.cumsum(u, 0) - 1.0
+    k = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
+    rho = int((u > css / k).nonzero().max())
+    theta = css[rho] / (rho + 1)
+    return (v - theta).clamp_min(0)
 
 
 def _simplex_active_set_warm(

@@ -84,15 +84,16 @@ def angular_error(pred: Tensor, target: Tensor) -> Tensor:
     Computed as ``atan2(|p x t|, p . t)`` after normalising both vectors, which is accurate at every
     angle (``acos`` of the dot product loses about 0.02 degree near 0 in float32) and does not depend
     on the length of either vector. A zero predicted vector counts as 90 degrees off (the angle
-    ``acos`` gives for a normalised zero vector).
+    ``acos`` gives for a normalised zero vector). Computed in float64, so that an angle does not
+    depend on which batch (and which vectorised kernel path) its pixel went through.
 
     Args:
         pred, target: ``[B, 3, H, W]``.
     Returns:
-        ``[B, H, W]`` angles in ``[0, 180]``.
+        ``[B, H, W]`` float64 angles in ``[0, 180]``.
     """
-    p = F.normalize(pred.float(), dim=1)
-    t = F.normalize(target.float(), dim=1)
+    p = F.normalize(pred.double(), dim=1)
+    t = F.normalize(target.double(), dim=1)
     cross = torch.linalg.vector_norm(torch.cross(p, t, dim=1), dim=1)
     dot = (p * t).sum(dim=1)
     angle = torch.rad2deg(torch.atan2(cross, dot))
@@ -312,7 +313,7 @@ class NormalErrors(Metric):
         """
         check_normal_shapes(preds, target)
         mask = normal_label_mask(target)
-        angle = angular_error(preds, target)[mask].double()
+        angle = angular_error(preds, target)[mask]
         finite = torch.isfinite(angle)
         self.nonfinite += (~finite).sum()
         angle = angle[finite]

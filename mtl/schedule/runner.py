@@ -11,9 +11,8 @@ Layout of a run directory::
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +21,19 @@ from typing import Any, Callable, Mapping, Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
 
+from mtl.balancing.aggregators.base import GradientAggregator
 from mtl.model import MultiTaskModel
 from mtl.module import MultiTaskModule
-from mtl.schedule.stage import Stage
+from mtl.results import config_hash, nest, read_json, task_directions, write_json
+from mtl.schedule.parts import build_balancer, build_policy, build_regularizers
+from mtl.schedule.stage import Distill, Stage
 from mtl.tasks import Task
-from mtl.transfer.loading import load_weights
+from mtl.transfer.alpha import AlphaSchedule
 from mtl.transfer.fusion import average_predictions, uniform_soup
-from mtl.transfer.policies import make_policy
+from mtl.transfer.loading import load_weights
+from mtl.transfer.terms import Distillation, TransferTerms
 
 
 @dataclass
@@ -38,70 +42,21 @@ class Builders:
 
     Attributes:
         model: ``(tasks: {name: Task}) -> MultiTaskModel``.
-        module: ``(model, stage) -> MultiTaskModule``; default :func:`default_module`.
-        trainer: ``(stage, stage_dir, callbacks, max_epochs) -> pl.Trainer``.
+        trainer: ``(stage, stage_dir, callbacks, balancer) -> pl.Trainer``; ``balancer`` is the
+            stage's (a gradient aggregator means manual optimization).
+        optimizer: ``callable(params) -> Optimizer`` (a Hydra ``_partial_``), or None for AdamW.
+        scheduler: ``callable(optimizer) -> LRScheduler``, or None.
+        balancer: the run's balancer config (``{method: ..., engine: ...}``), used by stages that
+            name none; None: the static sum.
+        gradient_clip_val: the trainer's clipping, applied by the module under an aggregator.
     """
 
     model: Callable[[dict[str, Task]], MultiTaskModel]
-    trainer: Callable[[Stage, Path, list[pl.Callback], int | None], pl.Trainer]
-    module: Callable[[MultiTaskModel, Stage], MultiTaskModule] | None = None
-
-
-def default_module(model: MultiTaskModel, stage: Stage, **kwargs: Any) -> MultiTaskModule:
-    """A :class:`MultiTaskModule` configured by ``stage`` (``kwargs``: optimizer, scheduler,
-    balancer, teacher, source_model...)."""
-    where = f"schedule.stages.{stage.name}"
-    try:
-        policy = make_policy(stage.policy, **stage.policy_options) if stage.policy else None
-    except ValueError as err:
-        raise ValueError(str(err).replace("schedule.stages.<stage>", where)) from None
-    return MultiTaskModule(
-        model,
-        tasks=stage.tasks,
-        source_tasks=stage.source_tasks,
-        alpha=stage.alpha,
-        lr=stage.lr,
-        frozen_epochs=stage.frozen_epochs,
-        backbone_lr_scale=stage.backbone_lr_scale,
-        monitor=stage.monitor,
-        policy=policy,
-        regularizers=stage.regularizers,
-        regularizer_options=stage.regularizer_options,
-        alpha_schedule=stage.alpha_schedule,
-        alpha_end=stage.alpha_end,
-        distill_tasks=stage.distill_tasks or (),
-        distill_weight=stage.distill_weight,
-        temperature=stage.temperature,
-        **kwargs,
-    )
-
-
-def config_hash(config: Any) -> str:
-    """A short stable hash of a JSON-able config."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written result
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    return str(value)
-
-
-def _nest(flat: Mapping[str, Any], split: str) -> dict[str, dict[str, float]]:
-    """``{"val/left/acc": 0.9}`` -> ``{"left": {"acc": 0.9}}`` for one split."""
-    out: dict[str, dict[str, float]] = {}
-    for key, value in flat.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == split:
-            out.setdefault(parts[1], {})[parts[2]] = float(value)
-    return out
+    trainer: Callable[[Stage, Path, list[pl.Callback], Any], pl.Trainer]
+    optimizer: Callable[..., Any] | None = None
+    scheduler: Callable[..., Any] | None = None
+    balancer: Any = None
+    gradient_clip_val: float | None = None
 
 
 class ScheduleRunner:
@@ -110,7 +65,7 @@ class ScheduleRunner:
     Args:
         stages: the stages, in order.
         datamodule: a DataModule with ``tasks`` and ``select_tasks`` (see ``mtl.data``).
-        builders: how to make models, modules and trainers.
+        builders: how to make models, optimizers and trainers, and the run's balancer.
         run_dir: where everything is written; running again in it resumes.
         config: the resolved config, stored in ``results.json``.
         log: where progress messages go.
@@ -133,33 +88,47 @@ class ScheduleRunner:
     ) -> None:
         if not stages:
             raise ValueError("schedule.stages is empty; a schedule needs at least one stage.")
-        self.stages = list(stages)
         self.datamodule = datamodule
         self.builders = builders
         self.run_dir = Path(run_dir)
         self.config = config
         self.log = log
         self.extra = dict(extra or {})
+        self.stages = [self._resolve(stage) for stage in stages]
         self.fuse = list(fuse or [])
         unknown = [f for f in self.fuse if f not in {st.name for st in self.stages}]
         if unknown:
             raise ValueError(f"schedule.fuse names unknown stage(s) {unknown}; stages: {[st.name for st in self.stages]}.")
-        self._check_tasks()
-
-    def _check_tasks(self) -> None:
-        names = list(self.datamodule.tasks)
-        for stage in self.stages:
-            for key, tasks in (("tasks", stage.tasks or []), ("source_tasks", stage.source_tasks)):
-                unknown = [t for t in tasks if t not in names]
-                if unknown:
-                    raise ValueError(
-                        f"schedule.stages.{stage.name}.{key}: unknown task(s) {unknown}; "
-                        f"the data declares {names}."
-                    )
+        with torch.random.fork_rng(devices=[]):  # building parts to check them draws no random numbers of the run
+            for stage in self.stages:
+                self._check(stage)
         if self.stages[0].init == "previous":
-            raise ValueError(
-                f"schedule.stages.{self.stages[0].name}.init is 'previous' but it is the first stage."
-            )
+            raise ValueError(f"schedule.stages.{self.stages[0].name}.init is 'previous' but it is the first stage.")
+
+    def _resolve(self, stage: Stage) -> Stage:
+        """Fill a stage's defaults that depend on the data: its targets and its distilled tasks."""
+        tasks = stage.tasks or list(self.datamodule.tasks)
+        distill = stage.distill
+        if distill is not None and not distill.tasks:
+            distill = Distill(distill.teacher, list(tasks), distill.weight, distill.temperature)
+        return dataclasses.replace(stage, tasks=tasks, distill=distill)
+
+    def _check(self, stage: Stage) -> None:
+        """Refuse a stage whose tasks or parts are wrong before anything trains."""
+        where = f"schedule.stages.{stage.name}"
+        names = list(self.datamodule.tasks)
+        keys = (("tasks", stage.tasks), ("source_tasks", stage.source_tasks), ("distill.tasks", stage.distill.tasks if stage.distill else []))
+        for key, tasks in keys:
+            unknown = [t for t in tasks or [] if t not in names]
+            if unknown:
+                raise ValueError(f"{where}.{key}: unknown task(s) {unknown}; the data declares {names}.")
+        build_balancer(self._balancer_spec(stage), len(stage.trained_tasks), f"{where}.balancer")
+        build_policy(stage.policy, f"{where}.policy")
+        build_regularizers(stage.regularizers, f"{where}.regularizers")
+        AlphaSchedule(stage.alpha, stage.alpha_end, stage.alpha_schedule)
+
+    def _balancer_spec(self, stage: Stage) -> Any:
+        return stage.balancer if stage.balancer is not None else self.builders.balancer
 
     def stage_dir(self, stage: Stage) -> Path:
         return self.run_dir / "stages" / stage.name
@@ -169,7 +138,7 @@ class ScheduleRunner:
         if stage.init == "fresh":
             return
         if stage.init == "previous":
-            path = previous.get("best_checkpoint") if previous else None
+            path = self._checkpoint(previous)
             if not path:
                 raise ValueError(
                     f"schedule.stages.{stage.name}.init is 'previous' but the previous stage left no checkpoint."
@@ -179,77 +148,82 @@ class ScheduleRunner:
         report = load_weights(model, path, stage.init_key_map)
         self.log(f"[{stage.name}] init from {path}: {report.summary()}")
 
-    def _resolve(self, stage: Stage) -> Stage:
-        """Fill a stage's defaults that depend on the data: targets, and LwF's teacher and tasks."""
-        spec = dict(stage.__dict__)
-        spec["tasks"] = stage.tasks or list(self.datamodule.tasks)
-        lwf = float((stage.regularizers or {}).get("lwf") or 0.0)
-        if lwf > 0:
-            if stage.teacher not in (None, "init"):
-                raise ValueError(
-                    f"schedule.stages.{stage.name}: regularizers.lwf distils the stage's starting model; "
-                    f"it cannot be combined with teacher={stage.teacher}."
-                )
-            tasks = stage.regularizer_options.get("lwf_tasks") or list(getattr(self.datamodule, "source_tasks", []))
-            tasks = [t for t in tasks if t not in spec["tasks"]]
-            if not tasks:
-                raise ValueError(
-                    f"schedule.stages.{stage.name}.regularizers.lwf needs source tasks whose heads to distil: "
-                    f"set regularizer_options.lwf_tasks or data.source_tasks."
-                )
-            spec.update(teacher="init", distill_tasks=tasks, distill_weight=lwf)
-        if spec["teacher"] and not spec["distill_tasks"]:
-            spec["distill_tasks"] = list(spec["tasks"])
-        return Stage(**spec)
+    def _transfer(self, stage: Stage, model: MultiTaskModel, previous: dict | None) -> TransferTerms | None:
+        """The stage's transfer terms (regularizers and distillation), or None."""
+        where = f"schedule.stages.{stage.name}"
+        terms: dict[str, Any] = build_regularizers(stage.regularizers, f"{where}.regularizers")
+        if stage.distill is not None and stage.distill.weight > 0:
+            d = stage.distill
+            terms["distill"] = Distillation(
+                self._teacher(stage, model, previous), d.tasks, {t: self.datamodule.tasks[t].kind for t in d.tasks},
+                weight=d.weight, temperature=d.temperature,
+            )
+        return TransferTerms(terms) if terms else None
 
-    def _teacher(self, stage: Stage, model: MultiTaskModel, previous: dict | None):
-        """The frozen model whose predictions the stage distils, or None."""
-        if not stage.teacher:
-            return None
-        if stage.teacher == "init":
-            teacher = copy.deepcopy(model)  # the starting weights (LwF records the source heads' outputs)
-        else:
-            path = previous.get("best_checkpoint") if stage.teacher == "previous" and previous else stage.teacher
-            if not path:
-                raise ValueError(f"schedule.stages.{stage.name}.teacher is 'previous' but there is no previous checkpoint.")
-            teacher = self.builders.model({t: self.datamodule.tasks[t] for t in stage.distill_tasks})
-            report = load_weights(teacher, path)
-            missing = [t for t in stage.distill_tasks if any(k.startswith(f"heads.{t}.") for k in report.missing)]
-            if missing:
-                raise ValueError(
-                    f"schedule.stages.{stage.name}: the teacher {path} has no head for distill task(s) {missing}."
-                )
-            self.log(f"[{stage.name}] teacher from {path}")
-        teacher.requires_grad_(False)
-        return teacher.eval()
+    def _teacher(self, stage: Stage, model: MultiTaskModel, previous: dict | None) -> nn.Module:
+        """The frozen model whose predictions the stage distils."""
+        teacher, tasks = stage.distill.teacher, stage.distill.tasks
+        if teacher == "init":
+            return copy.deepcopy(model)  # the starting weights (LwF records the source heads' outputs)
+        path = self._checkpoint(previous) if teacher == "previous" else teacher
+        if not path:
+            raise ValueError(f"schedule.stages.{stage.name}.distill.teacher is 'previous' but there is no previous checkpoint.")
+        model = self.builders.model({t: self.datamodule.tasks[t] for t in tasks})
+        report = load_weights(model, path)
+        missing = [t for t in tasks if any(k.startswith(f"heads.{t}.") for k in report.missing)]
+        if missing:
+            raise ValueError(f"schedule.stages.{stage.name}: the teacher {path} has no head for distill task(s) {missing}.")
+        self.log(f"[{stage.name}] teacher from {path}")
+        return model
+
+    def _checkpoint(self, previous: dict | None) -> str:
+        return (previous or {}).get("best_checkpoint") or ""
+
+    def _module(self, stage: Stage, model: MultiTaskModel, previous: dict | None):
+        """The stage's MultiTaskModule and its balancer (resolved once, for the trainer too)."""
+        where = f"schedule.stages.{stage.name}"
+        transfer = self._transfer(stage, model, previous)
+        balancer, engine = build_balancer(self._balancer_spec(stage), len(stage.trained_tasks), f"{where}.balancer")
+        optimizer = self.builders.optimizer
+        if stage.lr is not None:
+            base = optimizer or functools.partial(torch.optim.AdamW)
+            optimizer = functools.partial(base, lr=stage.lr)
+        aggregator = isinstance(balancer, GradientAggregator)
+        module = MultiTaskModule(
+            model,
+            tasks=stage.tasks,
+            source_tasks=stage.source_tasks,
+            alpha=AlphaSchedule(stage.alpha, stage.alpha_end, stage.alpha_schedule),
+            balancer=balancer,
+            engine=engine,
+            optimizer=optimizer,
+            scheduler=self.builders.scheduler,
+            policy=build_policy(stage.policy, f"{where}.policy"),
+            transfer=transfer,
+            monitor=stage.monitor,
+            gradient_clip_val=self.builders.gradient_clip_val if aggregator else None,
+        )
+        return module, balancer
 
     def run_stage(self, stage: Stage, previous: dict | None) -> dict[str, Any]:
         stage_dir = self.stage_dir(stage)
         done = stage_dir / "result.json"
         if done.is_file():
             self.log(f"[{stage.name}] already finished in {stage_dir}; skipping (delete result.json to rerun).")
-            return json.loads(done.read_text())
+            return read_json(done)
         stage_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        stage = self._resolve(stage)
-        targets = stage.tasks
-        used = targets + [s for s in stage.source_tasks if s not in targets]
-        heads = used + [t for t in stage.distill_tasks or [] if t not in used]
-        self.datamodule.select_tasks(targets, stage.source_tasks)
+        used = stage.trained_tasks
+        distilled = stage.distill.tasks if stage.distill else []
+        heads = used + [t for t in distilled if t not in used]
+        self.datamodule.select_tasks(stage.tasks, stage.source_tasks)
         model = self.builders.model({t: self.datamodule.tasks[t] for t in heads})
         ckpt_dir = stage_dir / "checkpoints"
         last = ckpt_dir / "last.ckpt"
         resume = last if last.is_file() else None
         if resume is None:
             self._init_weights(stage, model, previous)
-        extra: dict[str, Any] = {}
-        teacher = self._teacher(stage, model, previous)
-        if teacher is not None:
-            extra["teacher"] = teacher
-        if float((stage.regularizers or {}).get("delta") or 0.0) > 0:
-            extra["source_model"] = copy.deepcopy(model).eval()  # DELTA follows the starting model
-        make_module = self.builders.module or default_module
-        module = make_module(model, stage, **extra)
+        module, balancer = self._module(stage, model, previous)
         checkpoint = ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="best",
@@ -258,12 +232,13 @@ class ScheduleRunner:
             save_last=True,
             enable_version_counter=False,
         )
-        trainer = self.builders.trainer(stage, stage_dir, [checkpoint], stage.max_epochs)
+        trainer = self.builders.trainer(stage, stage_dir, [checkpoint], balancer)
         if resume is not None:
             epoch = torch.load(resume, map_location="cpu", weights_only=True).get("epoch", "?")
             self.log(f"[{stage.name}] resuming the interrupted stage from {resume} (after epoch {epoch}).")
         else:
-            self.log(f"[{stage.name}] training tasks {targets}" + (f" with sources {stage.source_tasks}" if stage.source_tasks else ""))
+            sources = f" with sources {stage.source_tasks}" if stage.source_tasks else ""
+            self.log(f"[{stage.name}] training tasks {stage.tasks}{sources}")
         trainer.fit(module, datamodule=self.datamodule, ckpt_path=str(resume) if resume else None)
         if trainer.interrupted:
             raise RuntimeError(f"Stage '{stage.name}' was interrupted; run the same command again to resume it.")
@@ -273,14 +248,13 @@ class ScheduleRunner:
         test = trainer.test(module, datamodule=self.datamodule, ckpt_path=ckpt_arg, verbose=False)
         val_flat = {k: v for d in val for k, v in d.items()}
         test_flat = {k: v for d in test for k, v in d.items()}
-        best_epoch = None
-        if best:
-            best_epoch = torch.load(best, map_location="cpu", weights_only=True).get("epoch")
-        val_tasks, test_tasks = _nest(val_flat, "val"), _nest(test_flat, "test")
+        best_epoch = torch.load(best, map_location="cpu", weights_only=True).get("epoch") if best else None
+        val_tasks, test_tasks = nest(val_flat, "val"), nest(test_flat, "test")
         result = {
             "stage": stage.name,
             "tasks": {t: {"val": val_tasks.get(t, {}), "test": test_tasks.get(t, {})} for t in used},
-            "target_tasks": targets,
+            "directions": task_directions({t: self.datamodule.tasks[t] for t in used}),
+            "target_tasks": stage.tasks,
             "source_tasks": stage.source_tasks,
             "val_loss": float(val_flat["val/loss"]) if "val/loss" in val_flat else None,
             "best_epoch": best_epoch,
@@ -289,7 +263,7 @@ class ScheduleRunner:
             "wall_time_s": round(time.perf_counter() - start, 2),
             "resumed": resume is not None,
         }
-        _write_json(done, result)
+        write_json(done, result)
         return result
 
     # ------------------------------------------------------------------ fusion
@@ -345,7 +319,7 @@ class ScheduleRunner:
             "config_hash": config_hash(self.config),
             "config": self.config,
         }
-        _write_json(self.run_dir / "results.json", summary)
+        write_json(self.run_dir / "results.json", summary)
         return summary
 
 
@@ -363,22 +337,3 @@ def _fusion_metrics(models, tasks: Mapping[str, Task], loader, combine) -> dict[
                     metrics[t].update(*pair)
     return {t: {k: float(v) for k, v in m.compute().items()} for t, m in metrics.items()}
 
-
-def lookup_metric(results: Mapping[str, Any], name: str) -> float:
-    """Value of ``<stage>/<split>/<task>/<metric>`` in a results dict (error lists the valid names)."""
-    parts = name.split("/")
-    try:
-        stage, split, task, metric = parts
-        return float(results["stages"][stage]["tasks"][task][split][metric])
-    except (ValueError, KeyError, TypeError):
-        valid = [
-            f"{s}/{split}/{t}/{m}"
-            for s, r in results["stages"].items()
-            for t, splits in r["tasks"].items()
-            for split, metrics in splits.items()
-            for m in metrics
-        ]
-        raise ValueError(
-            f"optimized_metric '{name}' is not in the results; use '<stage>/<split>/<task>/<metric>', "
-            f"one of: {valid}"
-        ) from None

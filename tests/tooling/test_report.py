@@ -7,7 +7,8 @@ import math
 import pytest
 from tooling_helpers import write_run
 
-from mtl.report import build_report, delta_m, main, report_markdown, task_metrics
+from mtl.report import build_report, delta_m, main, report_markdown
+from mtl.results import task_metrics
 
 DATA = {"_target_": "x.Data", "seed": 0, "n_train": 10}
 BACKBONE = {"_target_": "x.MLP", "hidden": [4]}
