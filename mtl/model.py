@@ -67,26 +67,6 @@ class MultiTaskModel(nn.Module):
         """Parameters of the backbone and sharing structure (everything but the heads)."""
         return self.sharing.shared_parameters()
 
-    def add_tasks(self, tasks: Iterable[Task] | dict[str, Task]) -> list[str]:
-        """Add heads for tasks the model does not have yet; returns the names added."""
-        added = []
-        for name, task in as_task_dict(tasks).items():
-            if name in self.heads:
-                continue
-            self.tasks[name] = task
-            self.heads[name] = make_head(self.sharing.out_features, task, self.head_hidden)
-            added.append(name)
-        if added:
-            self.sharing.add_tasks(added)
-        return added
-
-    def replace_heads(self, tasks: Iterable[Task] | dict[str, Task]) -> None:
-        """Drop every head and create fresh heads for ``tasks`` (transfer to a new task set)."""
-        task_dict = as_task_dict(tasks)
-        self.tasks = {}
-        self.heads = nn.ModuleDict()
-        self.add_tasks(task_dict)
-
     def forward_with_representation(
         self, x: Tensor, tasks: Sequence[str] | None = None
     ) -> tuple[dict[str, Tensor], Tensor | None]:

@@ -199,6 +199,11 @@ class MultiTaskModule(pl.LightningModule):
     def _aggregated_step(self, losses: Mapping[str, Tensor], records: list[ForwardRecord]) -> Tensor:
         """One step of a gradient aggregator around :func:`~mtl.balancing.balanced_backward`."""
         optimizer = self.optimizers()
+        if self.engine.space == "representation" and any(r.representation is None for r in records):
+            raise ValueError(
+                f"balancer.engine.space=representation needs a shared representation, but "
+                f"{type(self.model.sharing).__name__} has none; use balancer.engine.space=params."
+            )
         vec = self.loss_vector(losses)
         shared = [p for p in self.model.shared_parameters() if p.requires_grad]
         shared_ids = {id(p) for p in shared}

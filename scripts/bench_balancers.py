@@ -79,12 +79,8 @@ from torch import nn  # noqa: E402
 import mtl.balancing.aggregators as aggregators  # noqa: E402
 import mtl.balancing.weightings as weightings  # noqa: E402
 from mtl.backbones import CNN  # noqa: E402
-from mtl.balancing.jacobian import (  # noqa: E402
-    representation_backward,
-    resolve_method,
-    task_jacobian,
-    write_gradient,
-)
+from mtl.balancing.backward import balanced_backward  # noqa: E402
+from mtl.balancing.jacobian import JacobianEngine, resolve_method  # noqa: E402
 
 BATCH = 32
 JACOBIAN_METHOD = "auto"
@@ -96,7 +92,7 @@ class BenchModel(nn.Module):
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
-        self.backbone = CNN(in_channels=3, channels=(32, 64, 64), pool_every=1)
+        self.backbone = CNN(input_shape=(3, 8, 8), channels=(32, 64, 64), pool_every=1)
         self.heads = nn.ModuleList(
             nn.Linear(self.backbone.out_features, CLASSES) for _ in range(num_tasks)
         )
@@ -146,18 +142,14 @@ def loop_baseline_step(model, opt, shared, heads):
 
 
 def aggregator_step(agg, space):
+    """The training module's aggregator step: :func:`mtl.balancing.balanced_backward`."""
+    engine = JacobianEngine(space=space, method=JACOBIAN_METHOD)
+
     def make(model, opt, shared, heads):
         def step(x, y):
             opt.zero_grad(set_to_none=True)
             losses, rep = task_losses(model, x, y)
-            inputs = shared if space == "params" else [rep]
-            J = task_jacobian(losses, inputs, method=JACOBIAN_METHOD)
-            g = agg(J, losses.detach())
-            torch.autograd.backward(losses.sum(), inputs=heads)
-            if space == "params":
-                write_gradient(shared, g)
-            else:
-                representation_backward(rep, g)
+            balanced_backward(losses, agg, shared, heads, engine=engine, representations=[rep])
             opt.step()
 
         return step

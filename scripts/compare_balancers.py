@@ -31,7 +31,7 @@ def main() -> None:
     for f in files:
         res = json.loads(f.read_text())
         method = res["config"]["balancer"]["method"]["_target_"].rsplit(".", 1)[-1]
-        space = res["config"]["balancer"].get("space", "params")
+        space = (res["config"]["balancer"].get("engine") or {}).get("space", "params")
         key = f"{method} ({space})" if space != "params" else method
         stage = list(res["stages"].values())[-1]
         for task, splits in stage["tasks"].items():

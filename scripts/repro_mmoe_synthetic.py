@@ -58,7 +58,7 @@ class InputLayer(Backbone):
 def build_model(name: str, dim: int, tasks: list[Task], args: argparse.Namespace) -> MultiTaskModel:
     """One of ``MODELS`` for ``dim`` inputs and the given tasks."""
     if name == "shared_bottom":
-        return MultiTaskModel(MLP(dim, hidden=[args.bottom]), tasks, head_hidden=[args.tower])
+        return MultiTaskModel(MLP((dim,), hidden=[args.bottom]), tasks, head_hidden=[args.tower])
     moe: Callable = OMoE if name == "omoe" else MMoE
     sharing = lambda backbone, tasks: moe(  # noqa: E731
         backbone, tasks, num_experts=args.experts, expert_hidden=[], expert_out=args.expert_units

@@ -30,7 +30,18 @@ import torch
 from mtl import MultiTaskModel, MultiTaskModule
 from mtl.backbones import CNN
 from mtl.data import DigitsDataModule
-from mtl.transfer.policies import make_policy
+from functools import partial
+
+from mtl.transfer import L2SP, Distillation, TransferTerms
+from mtl.transfer.policies import (
+    BackboneRamp,
+    DiscriminativeLR,
+    Full,
+    GradualUnfreeze,
+    LayerDecay,
+    LinearProbe,
+    ProbeThenFull,
+)
 
 TASKS = {"low": {"kind": "multiclass", "num_classes": 5}, "high": {"kind": "multiclass", "num_classes": 5}}
 
@@ -40,15 +51,15 @@ def methods(epochs: int) -> dict[str, dict]:
     third = max(1, epochs // 3)
     return {
         "scratch": {"init": False},
-        "linear_probe": {"policy": make_policy("linear_probe")},
-        "full": {"policy": make_policy("full")},
-        "probe_then_full": {"policy": make_policy("probe_then_full", probe_epochs=third, backbone_lr_scale=0.1)},
-        "gradual_unfreeze": {"policy": make_policy("gradual_unfreeze", epochs_per_block=third)},
-        "discriminative_lr": {"policy": make_policy("discriminative_lr", factor=2.6)},
-        "layer_decay": {"policy": make_policy("layer_decay", decay=0.65)},
-        "backbone_ramp": {"policy": make_policy("backbone_ramp", unfreeze_at_epoch=third)},
-        "l2sp": {"policy": make_policy("full"), "regularizers": {"l2sp": 0.01}},
-        "lwf": {"policy": make_policy("full"), "lwf": 1.0},
+        "linear_probe": {"policy": LinearProbe()},
+        "full": {"policy": Full()},
+        "probe_then_full": {"policy": ProbeThenFull(probe_epochs=third, backbone_lr_scale=0.1)},
+        "gradual_unfreeze": {"policy": GradualUnfreeze(epochs_per_block=third)},
+        "discriminative_lr": {"policy": DiscriminativeLR(factor=2.6)},
+        "layer_decay": {"policy": LayerDecay(decay=0.65)},
+        "backbone_ramp": {"policy": BackboneRamp(unfreeze_at_epoch=third)},
+        "l2sp": {"policy": Full(), "l2sp": 0.01},
+        "lwf": {"policy": Full(), "lwf": 1.0},
     }
 
 
@@ -60,7 +71,7 @@ def trainer(**kwargs) -> pl.Trainer:
 
 
 def backbone() -> CNN:
-    return CNN(in_channels=1, channels=[32, 64])
+    return CNN(input_shape=(1, 8, 8), channels=[32, 64])
 
 
 def pretrain(seed: int, epochs: int) -> dict:
@@ -86,12 +97,17 @@ def finetune(method: str, labels: int | None, seed: int, source: dict, steps: in
     if spec.get("init", True):
         own = model.state_dict()
         model.load_state_dict({k: v for k, v in source.items() if k in own and not k.startswith("heads.high.")}, strict=False)
-    kwargs = {k: v for k, v in spec.items() if k in ("policy", "regularizers")}
+    terms = {}
+    if "l2sp" in spec:
+        terms["l2sp"] = L2SP(alpha=spec["l2sp"])
     if "lwf" in spec:
         teacher = MultiTaskModel(backbone(), {"low": dm.tasks["low"]}, head_hidden=[64])
         teacher.load_state_dict(source)
-        kwargs.update(teacher=teacher.eval(), distill_tasks=["low"], distill_weight=spec["lwf"])
-    module = MultiTaskModule(model, tasks=["high"], lr=2e-3, **kwargs)
+        terms["distill"] = Distillation(teacher, ["low"], {"low": "multiclass"}, weight=spec["lwf"])
+    module = MultiTaskModule(
+        model, tasks=["high"], optimizer=partial(torch.optim.AdamW, lr=2e-3), policy=spec.get("policy"),
+        transfer=TransferTerms(terms) if terms else None,
+    )
     trainer(max_epochs=epochs).fit(module, datamodule=dm)
     out = trainer().test(module, datamodule=dm, verbose=False)
     return float(out[0]["test/high/acc"])

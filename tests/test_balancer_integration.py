@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from mtl import MultiTaskModel, MultiTaskModule
 from mtl.backbones import CNN
-from mtl.balancing import GradientAggregator, aggregators, weightings
+from mtl.balancing import GradientAggregator, JacobianEngine, aggregators, weightings
 from mtl.data import MultiDigitsDataModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "balancer"
@@ -54,7 +54,7 @@ def test_aggregator_trains_end_to_end(data, name, space):
         pytest.skip("DB-MTL keeps a [T, P] moving average; P changes with the batch in representation space")
     m = model(data)
     before = m.backbone.stages[0].conv.weight.clone()
-    module = MultiTaskModule(m, balancer=build(name), balancer_space=space)
+    module = MultiTaskModule(m, balancer=build(name), engine=JacobianEngine(space=space))
     trainer = fit(module, data)
     assert not torch.equal(before, m.backbone.stages[0].conv.weight)
     assert all(torch.isfinite(p).all() for p in m.parameters())
@@ -95,7 +95,7 @@ def test_sum_aggregator_matches_automatic_optimization_exactly(data, space):
     pl.seed_everything(3)
     fit(MultiTaskModule(auto, optimizer=opt), data, batches=3)
     pl.seed_everything(3)
-    fit(MultiTaskModule(manual, optimizer=opt, balancer=Sum(3), balancer_space=space), data, batches=3)
+    fit(MultiTaskModule(manual, optimizer=opt, balancer=Sum(3), engine=JacobianEngine(space=space)), data, batches=3)
     for (k, a), (_, b) in zip(auto.state_dict().items(), manual.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), k
 
@@ -107,20 +107,24 @@ def test_representation_space_needs_a_representation(data):
 
     torch.manual_seed(0)
     m = MultiTaskModel(CNN(channels=[4, 8]), data.tasks, sharing=partial(CrossStitch))
-    module = MultiTaskModule(m, balancer=build("pcgrad"), balancer_space="representation")
-    with pytest.raises(ValueError, match="has none; use balancer.space=params"):
+    module = MultiTaskModule(m, balancer=build("pcgrad"), engine=JacobianEngine(space="representation"))
+    with pytest.raises(ValueError, match="CrossStitch has none; use balancer.engine.space=params"):
         fit(module, data, batches=1)
 
 
 def test_stage_balancer_and_trainer_checks(make_cfg):
     from mtl.train import train
 
-    cfg = make_cfg("schedule=combined", "schedule.stages.finetune.balancer=pcgrad", "schedule.stages.finetune.max_epochs=1")
+    cfg = make_cfg("schedule=combined", "+balancer@schedule.stages.finetune.balancer=pcgrad", "schedule.stages.finetune.max_epochs=1")
     _, results = train(cfg)
     assert results["stages"]["finetune"]["tasks"]["sum"]["test"]["acc"] >= 0.0
+    # the stage's aggregator ran there (it logs gradient norms) and only there (the run's EW elsewhere)
+    run = Path(cfg.paths.output_dir) / "stages"
+    assert "train/grad_norm/sum" in (run / "finetune" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/grad_norm" not in (run / "pretrain" / "metrics.csv").read_text().splitlines()[0]
     with pytest.raises(ValueError, match="accumulate_grad_batches=2 is not supported with the gradient aggregator UPGrad"):
         train(make_cfg("schedule=multitask", "balancer=upgrad", "trainer.accumulate_grad_batches=2"))
-    with pytest.raises(ValueError, match="no balancer preset 'nope'"):
+    with pytest.raises(ValueError, match=r"schedule\.stages\.train\.balancer must be a balancer config with a 'method' node"):
         train(make_cfg("schedule=multitask", "schedule.stages.train.balancer=nope"))
 
 
@@ -131,14 +135,14 @@ def test_aggregator_honours_clipping_and_epoch_scheduler(data):
     sched = lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)  # noqa: E731
     module = MultiTaskModule(m, optimizer=opt, scheduler=sched, balancer=build("upgrad"), gradient_clip_val=1e-3)
     seen = []
-    original = module._step_with_freeze
+    original = module.finetuning.step
 
-    def spy(optimizer, closure):
+    def spy(optimizer, epoch, closure=None):
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
-        original(optimizer, closure)
+        original(optimizer, epoch, closure)
 
-    module._step_with_freeze = spy
+    module.finetuning.step = spy
     trainer = pl.Trainer(
         max_epochs=2, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

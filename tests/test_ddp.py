@@ -5,6 +5,8 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
+
+from mtl.balancing import JacobianEngine
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
@@ -32,10 +34,10 @@ class Pairs(Dataset):
 def train(devices: int, space: str, state: dict, batches: int = 4) -> dict:
     torch.manual_seed(0)
     tasks = [Task("a", num_classes=2), Task("b", kind="regression")]
-    model = MultiTaskModel(MLP(in_features=6, hidden=[16, 8]), tasks)
+    model = MultiTaskModel(MLP(input_shape=(6,), hidden=[16, 8]), tasks)
     model.load_state_dict(state)
     module = MultiTaskModule(
-        model, optimizer=functools.partial(torch.optim.SGD, lr=0.1), balancer=UPGrad(2), balancer_space=space
+        model, optimizer=functools.partial(torch.optim.SGD, lr=0.1), balancer=UPGrad(2), engine=JacobianEngine(space=space)
     )
     # The global batch is 16 either way: 16 on one process, or 8 on each of two. Lightning's
     # DistributedSampler shuffles with seed 0 and deals indices to the ranks in turn, so global
@@ -54,7 +56,7 @@ def train(devices: int, space: str, state: dict, batches: int = 4) -> dict:
 @pytest.mark.parametrize("space", ["params", "representation"])
 def test_ddp_aggregator_matches_single_process(space):
     torch.manual_seed(0)
-    init = MultiTaskModel(MLP(in_features=6, hidden=[16, 8]), [Task("a", num_classes=2), Task("b", kind="regression")]).state_dict()
+    init = MultiTaskModel(MLP(input_shape=(6,), hidden=[16, 8]), [Task("a", num_classes=2), Task("b", kind="regression")]).state_dict()
     single = train(1, space, init)
     multi = train(2, space, init)
     assert any(not torch.equal(single[k], init[k]) for k in init)  # it trained

@@ -6,6 +6,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from mtl.balancing import JacobianEngine
+
 from mtl import MultiTaskModel, MultiTaskModule
 from mtl.backbones import CNN
 from mtl.balancing import FAMO, UW, PCGrad, UPGrad
@@ -33,7 +35,7 @@ def train_once(make, space, precision, accelerator="gpu"):
     model = MultiTaskModel(CNN(channels=[16, 32], pool_size=[1, 2]), dm.tasks)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = functools.partial(torch.optim.AdamW, lr=3e-3)
-    module = MultiTaskModule(model, balancer=make(3), balancer_space=space, optimizer=optimizer)
+    module = MultiTaskModule(model, balancer=make(3), engine=JacobianEngine(space=space), optimizer=optimizer)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=1, precision=precision, max_epochs=6, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

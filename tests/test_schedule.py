@@ -35,7 +35,7 @@ def test_each_schedule_runs_and_writes_results(make_cfg, tmp_path, schedule):
 
 
 def test_transfer_carries_the_backbone(make_cfg, tmp_path):
-    cfg = make_cfg("schedule=transfer", "schedule.stages.finetune.freeze=backbone")
+    cfg = make_cfg("schedule=transfer", "policy@schedule.stages.finetune.policy=linear_probe")
     train(cfg)
     pre = torch.load(tmp_path / "run/stages/pretrain/checkpoints/best.ckpt", weights_only=True)["state_dict"]
     fin = torch.load(tmp_path / "run/stages/finetune/checkpoints/last.ckpt", weights_only=True)["state_dict"]
@@ -94,8 +94,26 @@ def test_bad_schedules():
         stages_from_dict({"ft": {"tasks": []}})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['epochs'\]"):
         stages_from_dict({"ft": {"tasks": ["a"], "epochs": 3}})
-    with pytest.raises(ValueError, match="freeze must be one of"):
-        Stage(name="ft", tasks=["a"], freeze="half")
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+        Stage(name="ft", tasks=["a"], mode="lowest")
+    with pytest.raises(ValueError, match=r"stages.ft.distill: unknown key\(s\) \['teachr'\]"):
+        Stage(name="ft", tasks=["a"], distill={"teachr": "init"})
+    with pytest.raises(ValueError, match="stages.ft.source_tasks must be a list of task names"):
+        Stage(name="ft", tasks=["a"], source_tasks="b")
+
+
+def test_stage_config_errors_name_the_key(make_cfg, tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="schedule.stages.finetune.freeze"):
+        make_cfg("schedule.stages.finetune.freeze=backbone")  # an old key: not a Stage field
+    with pytest.raises(ConfigCompositionException, match="schedule.stages.finetune.max_epochs=three"):
+        make_cfg("schedule.stages.finetune.max_epochs=three")
+    # a wrong part in the LAST stage is refused before the first stage trains
+    cfg = make_cfg("schedule=transfer", "schedule.stages.finetune.policy._target_=mtl.transfer.policies.Nope")
+    with pytest.raises(ValueError, match=r"(?s)schedule\.stages\.finetune\.policy: .*Nope"):
+        build_runner(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "stages").exists()
 
 
 def test_missing_init_checkpoint(make_cfg, tmp_path):

@@ -10,7 +10,10 @@ import torch
 from mtl import MultiTaskModel, MultiTaskModule, Task
 from mtl.backbones import CNN
 from mtl.data import MultiDigitsDataModule
-from mtl.transfer.policies import make_policy
+from functools import partial
+
+from mtl.transfer import L2SP, AlphaSchedule, TransferTerms
+from mtl.transfer.policies import DiscriminativeLR, GradualUnfreeze, LayerDecay, LinearProbe
 from mtl.train import build_runner, train
 
 
@@ -38,7 +41,7 @@ def cnn_model(dm):
 def test_gradual_unfreeze_trains_top_blocks_first(data):
     model = cnn_model(data)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fit(MultiTaskModule(model, policy=make_policy("gradual_unfreeze")), data, epochs=1)
+    fit(MultiTaskModule(model, policy=GradualUnfreeze()), data, epochs=1)
     after = model.state_dict()
     # epoch 0: only the top block (stage 2) trains; stages 0 and 1 (weights and BN statistics) untouched
     for k in before:
@@ -48,16 +51,16 @@ def test_gradual_unfreeze_trains_top_blocks_first(data):
 
 
 @pytest.mark.parametrize(
-    "name,options,expected",
+    "policy,expected",
     [
-        ("discriminative_lr", {"factor": 2.0}, [0.125, 0.25, 0.5]),
-        ("layer_decay", {"decay": 0.5}, [0.125, 0.25, 0.5]),
-        ("linear_probe", {}, [0.0, 0.0, 0.0]),
+        (DiscriminativeLR(factor=2.0), [0.125, 0.25, 0.5]),
+        (LayerDecay(decay=0.5), [0.125, 0.25, 0.5]),
+        (LinearProbe(), [0.0, 0.0, 0.0]),
     ],
 )
-def test_policy_learning_rates_reach_the_optimizer(data, name, options, expected):
+def test_policy_learning_rates_reach_the_optimizer(data, policy, expected):
     model = cnn_model(data)
-    module = MultiTaskModule(model, policy=make_policy(name, **options), lr=0.01)
+    module = MultiTaskModule(model, policy=policy, optimizer=partial(torch.optim.AdamW, lr=0.01))
     seen = {}
     original = torch.optim.AdamW.step
 
@@ -81,30 +84,29 @@ def test_policy_learning_rates_reach_the_optimizer(data, name, options, expected
 
 def test_l2sp_pulls_towards_the_start_and_disables_weight_decay(data):
     model = cnn_model(data)
-    module = MultiTaskModule(model, regularizers={"l2sp": 0.5})
-    groups = module.parameter_groups()
+    module = MultiTaskModule(model, transfer=TransferTerms({"l2sp": L2SP(alpha=0.5)}))
+    groups = module.configure_optimizers().param_groups
     assert all(g.get("weight_decay") == 0.0 for g in groups)
     records = []
     module.task_losses(next(iter(data.train_dataloader())), None, records=records)
-    module.log = lambda *a, **k: None
-    first = module.transfer_terms(records)
+    first = module.transfer(records)
     heads = sum((p**2).sum() for t in module.target_tasks for p in model.heads[t].parameters())
     assert first.item() == pytest.approx(0.005 * heads.item(), rel=1e-5)  # at the start only beta/2 |w_new|^2
     with torch.no_grad():
         model.backbone.stages[0].conv.weight.add_(1.0)
     n = model.backbone.stages[0].conv.weight.numel()
-    assert module.transfer_terms(records).item() == pytest.approx(first.item() + 0.5 / 2 * n, rel=1e-4)
+    assert module.transfer(records).item() == pytest.approx(first.item() + 0.5 / 2 * n, rel=1e-4)
 
 
 def test_alpha_schedule_moves_the_source_weight(data):
     model = cnn_model(data)
-    module = MultiTaskModule(model, tasks=["sum"], source_tasks=["left", "right"], alpha=1.0, alpha_schedule="linear", alpha_end=0.0)
+    module = MultiTaskModule(model, tasks=["sum"], source_tasks=["left", "right"], alpha=AlphaSchedule(1.0, 0.0, "linear"))
     data.select_tasks(["sum"], ["left", "right"])
     seen = []
 
     class Spy(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
-            seen.append((pl_module.alpha, pl_module.loss_weights["sum"]))
+            seen.append((pl_module.loss_weights["left"] * 2, pl_module.loss_weights["sum"]))
 
     trainer = pl.Trainer(max_epochs=3, limit_val_batches=0, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()])
@@ -117,8 +119,9 @@ def test_alpha_schedule_moves_the_source_weight(data):
 def test_lwf_and_delta_and_bss_in_a_transfer_stage(make_cfg, tmp_path):
     cfg = make_cfg(
         "schedule=transfer", "schedule.stages.finetune.max_epochs=2",
-        "schedule.stages.finetune.regularizers.lwf=1.0", "schedule.stages.finetune.regularizers.delta=0.01",
-        "schedule.stages.finetune.regularizers.bss=0.001",
+        "schedule.stages.finetune.distill={teacher:init,tasks:[left,right]}",
+        "+regularizer@schedule.stages.finetune.regularizers.delta=delta",
+        "+regularizer@schedule.stages.finetune.regularizers.bss=bss",
     )
     _, results = train(cfg)
     fin = results["stages"]["finetune"]
@@ -126,8 +129,8 @@ def test_lwf_and_delta_and_bss_in_a_transfer_stage(make_cfg, tmp_path):
     metrics = (tmp_path / "run/stages/finetune/metrics.csv").read_text()
     assert "train/transfer_terms" in metrics
     ckpt = torch.load(tmp_path / "run/stages/finetune/checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    assert any(k.startswith("teacher.heads.left.") for k in ckpt)  # the source heads LwF distils
-    assert any(k.startswith("source_model.") for k in ckpt)  # DELTA's reference
+    assert any(k.startswith("transfer.terms.distill.teacher.heads.left.") for k in ckpt)  # the source heads LwF distils
+    assert any(k.startswith("transfer.terms.delta.source.") for k in ckpt)  # DELTA's reference
 
 
 def test_generations_distil_and_fuse(make_cfg, tmp_path):
@@ -174,3 +177,26 @@ def test_fusion_rows_in_the_printed_table():
     table = results_table(results)
     assert table.row_count == 6
     assert "ensemble of gen0+gen1" in [c for c in table.columns[0]._cells]
+
+
+def test_linear_probe_freezes_the_shared_parts_of_the_sharing_structure(data):
+    """A frozen policy covers every shared parameter: backbone blocks and MMoE's experts (bit-identical,
+    normalisation statistics included); the task-specific gates and the heads train."""
+    from mtl.backbones import MLP
+    from mtl.sharing import MMoE
+
+    torch.manual_seed(0)
+    model = MultiTaskModel(MLP(input_shape=(8, 16), hidden=[16, 16], norm=True), data.tasks, sharing=partial(MMoE, num_experts=2))
+    module = MultiTaskModule(model, policy=LinearProbe())
+    groups = {g["name"]: g for g in module.configure_optimizers().param_groups}
+    assert set(groups) == {"backbone.0", "backbone.1", "sharing", "task_parts", "heads"}
+    assert {id(p) for p in groups["sharing"]["params"]} == {id(p) for p in model.sharing.experts.parameters()}
+    assert {id(p) for p in groups["task_parts"]["params"]} == {id(p) for p in model.sharing.gates.parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(module, data, epochs=1)
+    after = model.state_dict()
+    for k in before:
+        if k.startswith(("sharing.backbone.", "sharing.experts.")):
+            assert torch.equal(before[k], after[k]), k
+    for prefix in ("sharing.gates.", "heads."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix

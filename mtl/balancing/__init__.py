@@ -18,11 +18,15 @@ from mtl.balancing.aggregators import (
     CAGrad,
     ConFIG,
     DualProj,
+    ExcessMTL,
     FairGrad,
     GradDrop,
     GradVac,
+    MoCo,
+    MoDo,
     NashMTL,
     PCGrad,
+    SDMGrad,
     UPGrad,
 )
 from mtl.balancing.weightings.base import LossWeighting
@@ -33,4 +37,5 @@ __all__ = [
     "AlignedMTL", "CAGrad", "ConFIG", "DualProj", "FairGrad", "GradDrop", "GradNorm",
     "GradVac", "GradientAggregator", "LossWeighting", "NashMTL", "PCGrad", "Static", "UPGrad",
     "BackwardStats", "JacobianEngine", "balanced_backward",
+    "ExcessMTL", "MoCo", "MoDo", "SDMGrad",
 ]

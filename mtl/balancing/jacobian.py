@@ -16,14 +16,8 @@ turns the aggregated direction ``g`` (``[P]``) back into parameter gradients. Tw
 The task heads are not part of ``J``: the caller gives them the gradient of the summed loss, e.g.
 ``torch.autograd.backward(losses.sum(), inputs=head_params)``.
 
-Typical step (single process)::
-
-    outputs, rep = model.forward_with_representation(x)
-    losses = torch.stack([loss_fn[t](outputs[t], y[t]) for t in tasks])        # [T]
-    J = task_jacobian(losses, [rep])                                           # [T, B*D]
-    g = aggregator(J, losses.detach())                                         # [B*D]
-    torch.autograd.backward(losses.sum(), inputs=head_params)
-    representation_backward(rep, g)
+A training step puts these together in :func:`mtl.balancing.backward.balanced_backward`, the one
+function that both the training module and the benchmarks call.
 
 Everything stays on the inputs' device: no host copies and no synchronisation, so the engine can
 run asynchronously on an accelerator (the aggregators themselves may copy the small ``T x T``

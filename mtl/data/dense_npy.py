@@ -166,8 +166,12 @@ class DenseNpyDataset(Dataset):
             raise ValueError(f"DenseNpyDataset: scales must be >= 1 (zoom in), got {list(scales)}.")
         self.path = self.root / self.split
         if not self.path.is_dir():
-            present = sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
-            hint = " (this layout has train/ and val/; evaluate on split='val')" if self.split == "test" else ""
+            present = []
+            if self.root.is_dir():
+                present = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            hint = ""
+            if self.split == "test":
+                hint = " (this layout has train/ and val/; evaluate on split='val')"
             raise FileNotFoundError(
                 f"DenseNpyDataset: split folder {self.path} does not exist{hint}; "
                 f"{self.root} holds {present or 'no folders'}."

@@ -39,7 +39,7 @@ FLOOR, WALL, CEILING, SPHERE, BOX, CYLINDER = range(len(SCENE_CLASSES))
 _OBJECT_KINDS = (SPHERE, BOX, CYLINDER)
 _ROOM_SURFACES = 3  # surface ids 0..2: floor, walls, ceiling; object slot k is surface 3 + k
 _EPS = 1e-4
-_CHUNK = 64  # scenes rendered at once: bounds memory (~100 MB at 64x64) and keeps arrays in cache
+_CHUNK = 64  # scenes rendered at once: bounds the memory of the temporaries (tens of MB at 64x64)
 
 
 # --------------------------------------------------------------------------------------- parameters
@@ -117,7 +117,10 @@ def _scene_parameters(rng: np.random.Generator, max_objects: int) -> dict[str, n
 
     surfaces = _ROOM_SURFACES + max_objects
     colours = np.stack(
-        [_hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.9), rng.uniform(0.35, 0.95)) for _ in range(surfaces)]
+        [
+            _hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.9), rng.uniform(0.35, 0.95))
+            for _ in range(surfaces)
+        ]
     )
     textures = np.stack([_texture(rng, room=s < _ROOM_SURFACES) for s in range(surfaces)])
     light = np.array(

@@ -75,7 +75,9 @@ class Stage:
     init_key_map: Dict[str, str] = field(default_factory=dict)
     policy: Any = None
     regularizers: Dict[str, Any] = field(default_factory=dict)
-    distill: Optional[Distill] = None
+    # Any, not Optional[Distill]: OmegaConf cannot set a dict into a None structured node
+    # (schedule.stages.<s>.distill={teacher:init}); __post_init__ checks it as a Distill
+    distill: Any = None
     balancer: Any = None
     monitor: str = "val/loss"
     mode: str = "min"
@@ -100,7 +102,12 @@ class Stage:
         self.tasks = list(self.tasks) if self.tasks is not None else None
         self.source_tasks = list(self.source_tasks or [])
         if isinstance(self.distill, Mapping):
+            unknown = sorted(set(self.distill) - {f.name for f in dataclasses.fields(Distill)})
+            if unknown:
+                raise ValueError(f"{where}.distill: unknown key(s) {unknown}; it takes teacher, tasks, weight, temperature.")
             self.distill = Distill(**self.distill)
+        elif self.distill is not None and not isinstance(self.distill, Distill):
+            raise ValueError(f"{where}.distill must be a mapping such as {{teacher: init}}, got {self.distill!r}.")
 
     @property
     def trained_tasks(self) -> list[str]:

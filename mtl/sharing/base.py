@@ -47,12 +47,6 @@ class Sharing(nn.Module, abc.ABC):
         self.backbone = backbone
         self.task_names = list(tasks)
 
-    def add_tasks(self, tasks: Sequence[str]) -> None:
-        """Serve more tasks (transfer to new targets). Task-specific parts are created fresh."""
-        for t in tasks:
-            if t not in self.task_names:
-                self.task_names.append(t)
-
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters used by every task (the ones objective sharing balances)."""
         return [p for p in self.parameters() if p.requires_grad]

@@ -42,12 +42,6 @@ class CrossStitch(Sharing):
     **Shared parameters:** all columns and all units. At any mixing other than the identity, every
     task's output depends on every column, so every parameter of the module is shared.
 
-    **Adding tasks:** a new task gets a fresh deep copy of the first column's *current* weights
-    (so it starts from what multi-task training has learned rather than from scratch). Every unit grows by one row and one column: the new task's row is
-    ``alpha_same`` on itself and ``alpha_other`` (default ``(1 - alpha_same) / (T' - 1)``)
-    elsewhere; the existing tasks' weights on the new column start at 0, so existing tasks compute
-    exactly what they computed before.
-
     Args:
         backbone: any :class:`~mtl.backbones.base.Backbone`.
         tasks: task names, one column each.
@@ -145,25 +139,6 @@ class CrossStitch(Sharing):
         if missing:
             raise KeyError(f"CrossStitch has no column for task(s) {missing}; it has {self.task_names}.")
         return SharedFeatures({t: features[t] for t in names}, None)
-
-    # ------------------------------------------------------------------------------- tasks
-    def add_tasks(self, tasks: Sequence[str]) -> None:
-        new = [t for t in dict.fromkeys(tasks) if t not in self.task_names]
-        if not new:
-            return
-        old_t = len(self.task_names)
-        super().add_tasks(new)
-        num_tasks = len(self.task_names)
-        for _ in new:
-            self.columns.append(copy.deepcopy(self.backbone))
-        other = self._default_other(num_tasks)
-        for s, old in enumerate(list(self.units)):
-            grown = torch.zeros((num_tasks, num_tasks) + tuple(old.shape[2:]), dtype=old.dtype, device=old.device)
-            grown[:old_t, :old_t] = old.detach()
-            grown[old_t:] = other  # new tasks read every column a little ...
-            for t in range(old_t, num_tasks):
-                grown[t, t] = self.alpha_same  # ... and their own mostly
-            self.units[s] = nn.Parameter(grown, requires_grad=old.requires_grad)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """All columns and units: every task depends on every column through the units."""

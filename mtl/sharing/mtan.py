@@ -47,7 +47,7 @@ class MTAN(Sharing):
     (``balancer.space=representation``) is unavailable; balance over the parameters instead.
 
     **Shared parameters:** the backbone and the blocks :math:`f_s`. The attention modules are
-    task-specific. **Adding tasks** creates fresh attention modules for the new tasks.
+    task-specific.
 
     Args:
         backbone: any :class:`~mtl.backbones.base.Backbone`.
@@ -112,12 +112,6 @@ class MTAN(Sharing):
         if self.feature_maps and h.shape[-2:] != target.shape[-2:]:
             h = F.adaptive_avg_pool2d(h, target.shape[-2:])
         return h
-
-    def add_tasks(self, tasks: Sequence[str]) -> None:
-        new = [t for t in dict.fromkeys(tasks) if t not in self.task_names]
-        super().add_tasks(new)
-        for t in new:
-            self.attention[t] = self._task_attention()
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The backbone and the shared stage-to-stage blocks ``f_s``."""

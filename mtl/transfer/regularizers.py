@@ -239,31 +239,50 @@ def bss(features: Tensor, k: int = 1, weight: float = 0.001) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
+#: Reductions :func:`delta` understands.
+DELTA_REDUCTIONS = ("auto", "sum", "position_mean", "batch_mean")
+
+
 def delta(
     features: Sequence[Tensor],
     source_features: Sequence[Tensor],
     channel_weights: Sequence[Tensor | None] | None = None,
     weight: float = 0.01,
     channel_dim: int = 1,
+    reduction: str = "auto",
 ) -> Tensor:
     r"""DELTA's behavioural regularizer, Li, Xiong, Wang, Huan, Chen & Liu, "DELTA: DEep Learning
     Transfer using Feature Map with Attention for Convolutional Networks", ICLR 2019.
 
     For stages :math:`j` with feature maps :math:`FM_j` of the network being fine-tuned and
-    :math:`FM^0_j` of the source network on the same inputs,
+    :math:`FM^0_j` of the source network on the same batch :math:`x_1, \dots, x_B`, with
+    :math:`d_{j,b,c} = \lVert FM_{j,c}(x_b) - FM^0_{j,c}(x_b) \rVert_2^2` (the norm runs over the
+    :math:`M_j` positions of channel :math:`c`: all dimensions but the batch and channel ones),
 
     .. math::
 
-        \Omega = \alpha \sum_j \frac1B \sum_{b=1}^{B} \sum_{c} w_{j,c}\,
-                 \bigl\lVert FM_{j,c}(x_b) - FM^0_{j,c}(x_b) \bigr\rVert_2^2,
+        \Omega = \alpha \sum_j \frac12 \sum_{b=1}^{B} \sum_{c} w_{j,c}\, \frac{d_{j,b,c}}{n_j},
 
-    where the norm runs over the positions of channel :math:`c` (all dimensions but the batch and
-    channel ones). Without ``channel_weights`` every :math:`w_{j,c} = 1` (the unweighted
-    "feature-map" variant of the paper). The paper's attention weights measure how much the
-    source loss rises when channel :math:`c` is removed; they are optional here, see
-    :func:`delta_attention_weights`. The source maps are detached. Unlike the paper's full
-    objective, the L2 penalty on the new (head) parameters is not included: use
-    :func:`l2sp` with ``alpha=0`` and ``new_params`` for it.
+    the scale of the Transfer-Learning-Library (``tllib.regularization.delta``), the reference
+    implementation used with DELTA's published settings: a sum over the batch of
+    :math:`\tfrac12\lVert\cdot\rVert^2`. ``reduction`` chooses :math:`n_j`:
+
+    * ``"sum"``: :math:`n_j = 1` (their ``BehavioralRegularization``, the unweighted
+      "feature-map" variant of the paper);
+    * ``"position_mean"``: :math:`n_j = M_j` (their ``AttentionBehavioralRegularization``, which
+      divides by :math:`h w`; its weights are :math:`C \cdot \mathrm{softmax}`, as returned by
+      :func:`delta_attention_weights`);
+    * ``"auto"`` (default): ``"sum"`` for a stage without channel weights and ``"position_mean"``
+      for a stage with them, i.e. each of their two classes at its own scale;
+    * ``"batch_mean"``: :math:`\alpha \sum_j \frac1B \sum_b \sum_c w_{j,c} d_{j,b,c}`, mtl's former
+      reduction, :math:`2/B` times ``"sum"`` (24 times weaker at their batch size of 48), so that
+      the weight does not depend on the batch size.
+
+    The default :math:`\alpha = 0.01` is their example's ``--trade-off-backbone``. Without
+    ``channel_weights`` every :math:`w_{j,c} = 1`. The paper's attention weights measure how much
+    the source loss rises when channel :math:`c` is removed; see :func:`delta_attention_weights`.
+    The source maps are detached. Unlike the paper's full objective, the L2 penalty on the new
+    (head) parameters is not included: use :func:`l2sp` with ``alpha=0`` and ``new_params`` for it.
 
     Args:
         features: one tensor per stage, ``[B, C_j, *positions]`` (``[B, C_j]`` for vectors); with
@@ -273,11 +292,14 @@ def delta(
             (per example), or ``None`` for all ones; omitted: all ones.
         weight: :math:`\alpha` (default 0.01: Transfer-Learning-Library's DELTA example).
         channel_dim: the channel dimension of every map (1, or -1 for channels-last).
+        reduction: ``"auto"``, ``"sum"``, ``"position_mean"`` or ``"batch_mean"``, see above.
 
     Returns:
         scalar tensor.
     """
     key = f"{CONFIG_KEY}.delta"
+    if reduction not in DELTA_REDUCTIONS:
+        raise ValueError(f"{key}.reduction must be one of {DELTA_REDUCTIONS}, got {reduction!r}.")
     features, source_features = list(features), list(source_features)
     if len(features) != len(source_features):
         raise ValueError(
@@ -301,6 +323,7 @@ def delta(
             raise ValueError(f"{key}: stage {j} map must be at least [B, C], got {tuple(fm.shape)}.")
         sq = (fm - fm0.detach().to(fm.dtype)).pow(2).movedim(channel_dim, 1)
         per_channel = sq.flatten(2).sum(dim=2) if sq.dim() > 2 else sq  # [B, C]
+        positions = sq[0, 0].numel()
         if w is not None:
             w = w.to(per_channel)
             if w.shape not in (per_channel.shape[1:], per_channel.shape):
@@ -309,7 +332,13 @@ def delta(
                     f"[{per_channel.shape[1]}] or [{per_channel.shape[0]}, {per_channel.shape[1]}]."
                 )
             per_channel = per_channel * w
-        term = per_channel.sum(dim=1).mean()
+        mode = reduction if reduction != "auto" else ("sum" if w is None else "position_mean")
+        if mode == "batch_mean":
+            term = per_channel.sum(dim=1).mean()
+        else:
+            term = 0.5 * per_channel.sum()
+            if mode == "position_mean":
+                term = term / positions
         total = term if total is None else total + term
     return weight * total
 
@@ -328,9 +357,14 @@ def delta_attention_weights(
 
         w_c = C \,\mathrm{softmax}_c\!\left(\tilde\Delta_c / \tau\right),
 
-    scaled by the number of channels :math:`C` so that equal attention gives :math:`w_c = 1` (the
-    unweighted regularizer); :math:`\tilde\Delta` is :math:`\Delta` or, with ``standardize``, its
-    z-score over channels (the Transfer-Learning-Library standardizes and uses :math:`\tau = 5`).
+    scaled by the number of channels :math:`C` so that equal attention gives :math:`w_c = 1`, as the
+    Transfer-Learning-Library's ``AttentionBehavioralRegularization`` does (it multiplies its
+    softmax attention by :math:`C`); pass them to :func:`delta`, whose default reduction then
+    averages over positions as that class does. :math:`\tilde\Delta` is :math:`\Delta` or, with
+    ``standardize``, its z-score over channels with the population standard deviation (``np.std``,
+    as in their ``calculate_channel_attention``, which standardizes and uses :math:`\tau = 5`);
+    channels with equal :math:`\Delta` (zero deviation, up to round-off) get equal weights, where
+    ``np.std`` would divide by zero.
 
     Args:
         loss_increase: :math:`\Delta`, ``[C]`` (averaged over data) or ``[B, C]`` (per example).
@@ -346,5 +380,8 @@ def delta_attention_weights(
         raise ValueError(f"{CONFIG_KEY}.delta: loss increases must be [C] or [B, C], got {tuple(loss_increase.shape)}.")
     z = loss_increase.detach().float()
     if standardize:
-        z = (z - z.mean(dim=-1, keepdim=True)) / z.std(dim=-1, keepdim=True).clamp_min(1e-12)
+        std = z.std(dim=-1, keepdim=True, correction=0)
+        # A deviation at round-off level of the values (all equal) carries no ranking: weights 1.
+        flat = std <= 1e-6 * z.abs().amax(dim=-1, keepdim=True)
+        z = torch.where(flat, 0.0, (z - z.mean(dim=-1, keepdim=True)) / std.clamp_min(1e-30))
     return (z.shape[-1] * torch.softmax(z / temperature, dim=-1)).to(loss_increase.dtype)

@@ -113,7 +113,9 @@ class DELTA(TransferTerm):
     source (starting) model on the same inputs (see :func:`~mtl.transfer.regularizers.delta`).
 
     Binding copies the starting model (frozen, in eval mode) and records the stage outputs of the
-    model being trained during its training-mode forward passes with gradients enabled.
+    model being trained during its forward passes with gradients enabled (the training step's:
+    evaluation and FAMO's recomputation run without gradients). A frozen block runs in eval mode
+    and is recorded too.
     """
 
     def __init__(self, weight: float = 0.01) -> None:
@@ -130,7 +132,7 @@ class DELTA(TransferTerm):
             stage.register_forward_hook(self._capture)
 
     def _capture(self, module: nn.Module, inputs, output: Tensor) -> None:
-        if module.training and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             self._captured.append(output)
 
     def train(self, mode: bool = True) -> "DELTA":

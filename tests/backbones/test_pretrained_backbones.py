@@ -55,13 +55,13 @@ def reference_features(model, x):
 def test_timm_missing_extra_names_the_install_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
     with pytest.raises(ImportError, match=r'pip install "mtl\[timm\]"'):
-        TimmBackbone("resnet18")
+        TimmBackbone(model_name="resnet18")
 
 
 def test_hf_missing_extra_names_the_install_line(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r'pip install "mtl\[hf\]"'):
-        HFBackbone(str(tmp_path))
+        HFBackbone(path=str(tmp_path))
 
 
 def test_importing_the_library_needs_neither_extra():
@@ -77,7 +77,7 @@ def test_importing_the_library_needs_neither_extra():
         import mtl.backbones, mtl.train
         from mtl.backbones import TimmBackbone, HFBackbone
         try:
-            TimmBackbone("resnet18")
+            TimmBackbone(model_name="resnet18")
         except ImportError as err:
             assert 'pip install "mtl[timm]"' in str(err), err
         else:
@@ -109,7 +109,7 @@ def timm_weights(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
 def test_timm_loads_a_local_weights_file(timm_weights, fmt):
     name, reference, folder = timm_weights
-    backbone = TimmBackbone(name, pretrained_path=str(folder / f"weights.{fmt}")).eval()
+    backbone = TimmBackbone(model_name=name, pretrained_path=str(folder / f"weights.{fmt}")).eval()
     x = torch.randn(2, 3, 32, 32)
     expected = reference_features(reference, x)
     assert backbone.out_features == expected.shape[1]
@@ -120,7 +120,7 @@ def test_timm_loads_a_local_weights_file(timm_weights, fmt):
 
 def test_timm_stages_are_the_feature_blocks_and_reproduce_forward(timm_weights):
     name, _, folder = timm_weights
-    backbone = TimmBackbone(name, pretrained_path=str(folder / "weights.pth")).eval()
+    backbone = TimmBackbone(model_name=name, pretrained_path=str(folder / "weights.pth")).eval()
     assert backbone.split_into_blocks
     info = backbone.model.feature_info
     assert len(backbone.stages) == len(info)
@@ -139,19 +139,19 @@ def test_timm_vision_transformer_is_one_stage():
     timm = import_timm()
     torch.manual_seed(0)
     kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    backbone = TimmBackbone("vit_tiny_patch16_224", model_kwargs=kwargs).eval()
+    backbone = TimmBackbone(model_name="vit_tiny_patch16_224", model_kwargs=kwargs).eval()
     assert not backbone.split_into_blocks and len(backbone.stages) == 1
     assert backbone.stage_channels == [32] and backbone.out_features == 32
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(backbone.pool(backbone.forward_stages(x)[-1]), backbone(x), atol=1e-6)
     with pytest.raises(ValueError, match="cannot be cut"):
-        TimmBackbone("vit_tiny_patch16_224", split="blocks", model_kwargs=kwargs)
+        TimmBackbone(model_name="vit_tiny_patch16_224", split="blocks", model_kwargs=kwargs)
     assert timm is not None
 
 
 def test_timm_pretrained_reads_the_local_cache_only(timm_weights, tmp_path):
     name, reference, folder = timm_weights
-    repo = TimmBackbone(name).model.pretrained_cfg["hf_hub_id"]
+    repo = TimmBackbone(model_name=name).model.pretrained_cfg["hf_hub_id"]
     # the layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<rev>/file}
     entry = tmp_path / ("models--" + repo.replace("/", "--"))
     (entry / "refs").mkdir(parents=True)
@@ -159,14 +159,14 @@ def test_timm_pretrained_reads_the_local_cache_only(timm_weights, tmp_path):
     snapshot = entry / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "model.safetensors").write_bytes((folder / "weights.safetensors").read_bytes())
-    backbone = TimmBackbone(name, pretrained=True, cache_dir=str(tmp_path)).eval()
+    backbone = TimmBackbone(model_name=name, pretrained=True, cache_dir=str(tmp_path)).eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(backbone(x), reference_features(reference, x), atol=1e-5)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="nothing is downloaded.*pretrained_path"):
-        TimmBackbone(name, pretrained=True, cache_dir=str(empty))
+        TimmBackbone(model_name=name, pretrained=True, cache_dir=str(empty))
 
 
 def test_timm_rejects_weights_of_another_model(timm_weights, tmp_path):
@@ -175,11 +175,11 @@ def test_timm_rejects_weights_of_another_model(timm_weights, tmp_path):
     other = "test_vit" if "test_vit" in timm.list_models("test_*") else "resnet18"
     torch.save(timm.create_model(other).state_dict(), tmp_path / "other.pth")
     with pytest.raises(ValueError, match="does not fit"):
-        TimmBackbone(name, pretrained_path=str(tmp_path / "other.pth"))
+        TimmBackbone(model_name=name, pretrained_path=str(tmp_path / "other.pth"))
     with pytest.raises(FileNotFoundError, match="no file"):
-        TimmBackbone(name, pretrained_path=str(tmp_path / "missing.pth"))
+        TimmBackbone(model_name=name, pretrained_path=str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="timm has no model"):
-        TimmBackbone("no_such_model_xyz")
+        TimmBackbone(model_name="no_such_model_xyz")
 
 
 def test_timm_backbone_trains_from_the_config(timm_weights, tmp_path, make_cfg):
@@ -193,7 +193,7 @@ def test_timm_backbone_trains_from_the_config(timm_weights, tmp_path, make_cfg):
         "schedule=multitask", "backbone=timm", f"backbone.model_name={name}",
         f"backbone.pretrained_path={tmp_path / 'gray.pth'}", "logger=none",
     )
-    assert cfg.backbone.in_channels is None  # filled from the data
+    assert cfg.backbone.input_shape is None  # filled from the data
     _, results = train(cfg)
     tasks = results["stages"]["train"]["tasks"]
     assert set(tasks) == {"left", "right", "sum"}
@@ -224,7 +224,7 @@ def token_batch() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_hf_loads_a_local_directory(bert_dir, pooling):
     folder, reference = bert_dir
-    backbone = HFBackbone(str(folder), pooling=pooling).eval()
+    backbone = HFBackbone(path=str(folder), pooling=pooling).eval()
     ids, mask = token_batch()
     with torch.no_grad():
         hidden = reference(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -241,7 +241,7 @@ def test_hf_loads_a_local_directory(bert_dir, pooling):
 
 def test_hf_stages_are_the_encoder_layers(bert_dir):
     folder, reference = bert_dir
-    backbone = HFBackbone(str(folder)).eval()
+    backbone = HFBackbone(path=str(folder)).eval()
     assert len(backbone.stages) == 2 and backbone.stage_channels == [32, 32]
     assert backbone.stages[-1].layer is backbone.model.encoder.layer[-1]
     ids, mask = token_batch()
@@ -258,10 +258,10 @@ def test_hf_stages_are_the_encoder_layers(bert_dir):
 def test_hf_errors_say_what_to_do(bert_dir, tmp_path):
     folder, _ = bert_dir
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
-        HFBackbone(str(tmp_path / "nowhere"))
+        HFBackbone(path=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="pooling"):
-        HFBackbone(str(folder), pooling="max")
-    backbone = HFBackbone(str(folder))
+        HFBackbone(path=str(folder), pooling="max")
+    backbone = HFBackbone(path=str(folder))
     with pytest.raises(ValueError, match="token ids"):
         backbone(torch.randn(2, 7))
     with pytest.raises(ValueError, match="input_ids"):

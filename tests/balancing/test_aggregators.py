@@ -22,19 +22,25 @@ from mtl.balancing.aggregators import (
     CAGrad,
     ConFIG,
     DualProj,
+    ExcessMTL,
     FairGrad,
     GradDrop,
     GradVac,
+    MoCo,
+    MoDo,
     NashMTL,
     PCGrad,
+    SDMGrad,
     UPGrad,
 )
 from mtl.balancing.aggregators.cagrad import cagrad_dual
 from mtl.balancing.solvers import (
+    bargaining_weights,
     dual_cone_weights,
     min_norm_simplex,
     nonnegative_qp,
     power_balance,
+    project_simplex,
     simplex_qp,
 )
 
@@ -119,6 +125,35 @@ def test_power_balance_solves_equation(p: float) -> None:
         torch.testing.assert_close(G @ w, w.pow(-p), rtol=1e-7, atol=0.0)  # ridge 1e-10
 
 
+def test_project_simplex_hand_cases_and_optimality() -> None:
+    torch.testing.assert_close(project_simplex(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)), torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+    # (0.45, 0.3): sum 0.75, both shifted up by 0.125.
+    torch.testing.assert_close(project_simplex(torch.tensor([0.45, 0.3], dtype=torch.float64)), torch.tensor([0.575, 0.425], dtype=torch.float64))
+    # (-5.2778, -0.9444): only the larger survives, at 1.
+    torch.testing.assert_close(project_simplex(torch.tensor([-5.0, -1.0], dtype=torch.float64)), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    gen = torch.Generator().manual_seed(0)
+    grid = simplex_grid(3, 100)
+    for _ in range(5):
+        v = 2 * torch.randn(3, generator=gen, dtype=torch.float64)
+        x = project_simplex(v)
+        assert torch.all(x >= 0) and x.sum().item() == pytest.approx(1.0)
+        assert (x - v).norm() <= (grid - v).norm(dim=1).min() + 1e-12
+
+
+def test_bargaining_weights_bounded_where_no_solution_exists() -> None:
+    # Opposite rows: no direction improves both; power_balance alone returns weights ~1e5.
+    G = t([[1, -1], [-1, 1]])
+    assert power_balance(G).max() > 1e4
+    torch.testing.assert_close(bargaining_weights(G), torch.zeros(2, dtype=torch.float64))
+    # A zero row is left out; the others are solved alone (orthogonal: 1 / |g_t|).
+    G = t([[9, 0, 0], [0, 0.25, 0], [0, 0, 0]])
+    torch.testing.assert_close(bargaining_weights(G), t([[1 / 3, 2, 0]])[0])
+    torch.testing.assert_close(bargaining_weights(torch.zeros(3, 3, dtype=torch.float64)), torch.zeros(3, dtype=torch.float64))
+    # Well-posed: exactly power_balance.
+    J = rand_J(4, 10, 0)
+    torch.testing.assert_close(bargaining_weights(J @ J.T, 0.5), power_balance(J @ J.T, 0.5))
+
+
 def test_cagrad_dual_matches_brute_force() -> None:
     for seed in range(4):
         J = rand_J(3, 4, seed)
@@ -191,7 +226,7 @@ def test_configs_match_constructors() -> None:
         cfg = yaml.safe_load(matches[0].read_text())
         target = cfg["method"].pop("_target_")
         assert target == f"mtl.balancing.{cls.__name__}"
-        assert cfg["space"] in ("params", "representation")
+        assert cfg["defaults"] == [{"engine": "jacobian"}], cls.__name__
         params = inspect.signature(cls).parameters
         assert list(params)[0] == "num_tasks"
         for key, value in cfg["method"].items():
@@ -331,6 +366,56 @@ def test_imtlg_equal_projections() -> None:
         assert agg.last_weights.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_imtlg_full_rank_is_the_papers_closed_form() -> None:
+    # alpha_{2:T} = g_1 U^T (D U^T)^{-1}, alpha_1 = 1 - sum, in float64 from the rows.
+    for T, P in ((2, 2), (3, 3), (3, 7), (5, 9)):
+        J = rand_J(T, P, 10 + T + P)
+        U = J / J.norm(dim=1, keepdim=True)
+        D, Du = J[:1] - J[1:], U[:1] - U[1:]
+        rest = J[0] @ Du.T @ torch.linalg.inv(D @ Du.T)
+        alpha = torch.cat([(1 - rest.sum()).reshape(1), rest])
+        agg = IMTLG(T)
+        torch.testing.assert_close(agg(J.float()).double(), alpha @ J, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(agg.last_weights.double(), alpha, rtol=1e-4, atol=1e-5)
+
+
+def test_imtlg_dependent_rows_keep_a_descent_direction() -> None:
+    # Rows g1, g2, g1 + g2 (rank 2): equal projections would force g = 0 (u3.g = c (|g1| + |g2|) /
+    # |g1 + g2|), the closed form returned ~1e-7. The least-squares solution: by symmetry
+    # g = a (1, 1); the min-norm weights on the unit vectors are a/2 (1, 1, sqrt 2), i.e.
+    # alpha proportional to (1, 1, 1): alpha = 1/3 each and g = (2/3, 2/3), projections
+    # (2/3, 2/3, 2 sqrt(2) / 3).
+    J = t([[1, 0], [0, 1], [1, 1]])
+    agg = IMTLG(3)
+    torch.testing.assert_close(agg(J), t([2 / 3, 2 / 3]))
+    torch.testing.assert_close(agg.last_weights, torch.full((3,), 1 / 3))
+    for seed in range(5):
+        g = torch.randn(2, 10, generator=torch.Generator().manual_seed(seed))
+        g[1] += 0.5 * g[0].sign() * g[0].abs()  # some positive inner product
+        J = torch.stack([g[0], g[1], g[0] + g[1]])
+        agg = IMTLG(3)
+        out = agg(J)
+        proj = (J / J.norm(dim=1, keepdim=True)) @ out
+        assert out.norm() > 0.1 * J.norm(dim=1).min()  # not the ~1e-6 of the closed form
+        assert torch.all(proj > 0)  # a descent direction for every task
+        assert agg.last_weights.sum().item() == pytest.approx(1.0, abs=1e-5)
+        # Same direction as the min-norm least-squares solution of U v = 1 (ConFIG's direction).
+        cos = torch.nn.functional.cosine_similarity(out, ConFIG(3)(J), dim=0)
+        assert cos.item() == pytest.approx(1.0, abs=1e-5)
+    # Duplicated directions (g1, g2, 3 g1): equal projections exist and are found, along the
+    # direction of IMTL-G on (g1, g2).
+    g = torch.randn(2, 6, generator=torch.Generator().manual_seed(9))
+    J = torch.stack([g[0], g[1], 3 * g[0]])
+    out = IMTLG(3)(J)
+    proj = (J / J.norm(dim=1, keepdim=True)) @ out
+    torch.testing.assert_close(proj, proj[0].expand(3), rtol=1e-5, atol=1e-6)
+    assert proj[0] > 0
+    two = IMTLG(2)(g)
+    assert torch.nn.functional.cosine_similarity(out, two, dim=0).item() == pytest.approx(1.0, abs=1e-6)
+    # Opposite rows: no direction with equal positive projections; the answer is zero.
+    torch.testing.assert_close(IMTLG(2)(t([[1, 2], [-1, -2]])), t([0, 0]))
+
+
 def test_nashmtl_optimality() -> None:
     # Orthogonal rows: alpha_t = 1/|g_t|, so the update is the sum of unit vectors, then clipped.
     J = t([[3, 0], [0, 0.5]])
@@ -350,6 +435,34 @@ def test_nashmtl_reuses_weights_between_updates() -> None:
     agg(t([[3, 0], [0, 0.5]]))
     agg(t([[1, 0], [0, 1]]))
     torch.testing.assert_close(agg.last_weights, torch.tensor([1 / 3, 2.0]))
+
+
+@pytest.mark.parametrize("cls", [NashMTL, FairGrad], ids=lambda c: c.__name__)
+def test_bargaining_methods_are_bounded_on_stationary_gramians(cls: type[GradientAggregator]) -> None:
+    # Rows g and -g: no direction improves both (weights were ~1e4): no update, zero weights.
+    agg = cls(2, max_norm=0.0)
+    torch.testing.assert_close(agg(t([[1, 2], [-1, -2]])), t([0, 0]))
+    torch.testing.assert_close(agg.last_weights, torch.zeros(2))
+    # A zero row gets weight 0, the others are solved alone; orthogonal rows of norms 3 and 0.5:
+    # Nash (and FairGrad with alpha = 1) 1 / |g_t|.
+    agg = cls(3, max_norm=0.0)
+    g = agg(t([[3, 0], [0, 0.5], [0, 0]]))
+    torch.testing.assert_close(agg.last_weights, torch.tensor([1 / 3, 2.0, 0.0]))
+    torch.testing.assert_close(g, t([1, 1]))
+    # Near-stationary rows (1, 0) and (-1, d): the weights never exceed the documented bound
+    # 1 / (min_cos sqrt(T) |g_t|) (Nash; alpha = 1 for FairGrad): solved down to d = 3e-3
+    # (weights ~470, cosine ~2e-3), zero from d = 1e-3 on. Where the problem is well
+    # conditioned the kept solution solves the equation (below d ~ 1e-2, float32 weights
+    # and Gramian carry a relative error ~1e-7 / d^2).
+    for d in (1e-1, 1e-2, 3e-3, 1e-3, 1e-4, 1e-6, 0.0):
+        J = t([[1, 0], [-1, d]])
+        agg = cls(2, max_norm=0.0)
+        agg(J)
+        w = agg.last_weights.double()
+        assert torch.all(w <= 1 / (agg.min_cos * math.sqrt(2) * J.norm(dim=1)) * (1 + 1e-6)), (d, w)
+        assert (w.max() > 0) == (d >= 3e-3), d
+        if d >= 1e-2:
+            torch.testing.assert_close(w * ((J @ J.T) @ w), torch.ones(2, dtype=torch.float64), rtol=2e-3, atol=0)
 
 
 def test_alignedmtl_hand_cases() -> None:
@@ -386,19 +499,26 @@ def test_config_equal_positive_cosines() -> None:
         torch.testing.assert_close(g.norm(), (J @ (g / g.norm())).sum())
 
 
-def test_dbmtl_hand_case_and_ema() -> None:
-    # Log-gradients J_t / L_t = (1, 0) and (0, 2); rescaled to the largest norm 2: (2, 2).
+def test_dbmtl_first_two_steps_by_hand() -> None:
+    # Log-gradients J_t / L_t = (1, 0) and (0, 2). Step 0 from the zero buffer with
+    # beta_0 = 0.9 / 1^sigma: EMA = 0.1 (1, 0), 0.1 (0, 2); rescaled to the largest norm 0.2:
+    # 2 (0.1, 0) + (0, 0.2) = (0.2, 0.2).
     J = t([[2, 0], [0, 1]])
     losses = torch.tensor([2.0, 0.5])
-    agg = DBMTL(2)
-    torch.testing.assert_close(agg(J, losses), t([2, 2]), rtol=1e-6, atol=1e-6)
-    # Step 1: EMA = new + 0.9 / 1^0.5 (old - new); with new = (0, 0), (1, 0) we get
-    # (0.9, 0) and (0.1, 1.8); rescaled by 1.8 / |.| each.
-    J2 = t([[0, 0], [1, 0]])
-    g = agg(J2, torch.tensor([1.0, 1.0]))
-    e1, e2 = t([0.9, 0.0]), t([0.1, 1.8])
-    big = e2.norm()
-    torch.testing.assert_close(g, big / e1.norm() * e1 + e2, rtol=1e-5, atol=1e-6)
+    J2, losses2 = t([[0, 0], [1, 0]]), torch.tensor([1.0, 1.0])  # log-gradients (0, 0) and (1, 0)
+    for sigma in (0.0, 0.5):
+        agg = DBMTL(2, beta_sigma=sigma)
+        torch.testing.assert_close(agg(J, losses), t([0.2, 0.2]), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(agg.grad_ema, torch.tensor([[0.1, 0.0], [0.0, 0.2]]))
+        # Step 1, beta_1 = 0.9 / 2^sigma: EMA = new + beta_1 (old - new).
+        b = 0.9 / 2**sigma
+        e1 = b * t([0.1, 0.0])
+        e2 = t([1.0, 0.0]) + b * (t([0.0, 0.2]) - t([1.0, 0.0]))
+        g = agg(J2, losses2)
+        big = max(e1.norm(), e2.norm())
+        torch.testing.assert_close(g, big / e1.norm() * e1 + big / e2.norm() * e2, rtol=1e-5, atol=1e-6)
+    # LibMTL's defaults: beta = 0.9, sigma = 0.
+    assert DBMTL(2).beta == 0.9 and DBMTL(2).beta_sigma == 0.0
     with pytest.raises(ValueError, match="losses"):
         DBMTL(2)(J)
     with pytest.raises(ValueError, match="space=params"):
@@ -422,6 +542,94 @@ def test_fairgrad_hand_case_and_equation() -> None:
         agg(J)
         w = agg.last_weights.double()
         torch.testing.assert_close((J @ J.T) @ w, w.pow(-1 / alpha), rtol=1e-4, atol=0)
+
+
+def test_moco_first_two_steps_by_hand() -> None:
+    # h_t = L_t g_t / |g_t| = (1, 0) and (0, 3). Step k = 1: beta_1 = 0.5, Y = 0.5 h;
+    # gamma_1 = 0.1, Y Y^T = diag(0.25, 2.25): lambda - 0.1 diag(.) (1/2, 1/2) = (0.4875, 0.3875),
+    # projected onto the simplex (+0.0625 each): (0.55, 0.45); g = lambda^T Y = (0.275, 0.675).
+    J = t([[2, 0], [0, 1]])
+    losses = torch.tensor([1.0, 3.0])
+    agg = MoCo(2)
+    torch.testing.assert_close(agg(J, losses), t([0.275, 0.675]))
+    torch.testing.assert_close(agg.lam, torch.tensor([0.55, 0.45]))
+    assert agg.last_weights is None
+    # Step k = 2 (same J): beta_2 = 0.5 / sqrt 2, gamma_2 = 0.1 / sqrt 2.
+    b, c = 0.5 / math.sqrt(2), 0.1 / math.sqrt(2)
+    y1, y2 = 0.5 + b * (1 - 0.5), 1.5 + b * (3 - 1.5)
+    v = torch.tensor([0.55 - c * y1**2 * 0.55, 0.45 - c * y2**2 * 0.45], dtype=torch.float64)
+    lam = v + (1 - v.sum()) / 2  # both stay positive
+    torch.testing.assert_close(agg(J, losses), t([lam[0] * y1, lam[1] * y2]), rtol=1e-5, atol=1e-6)
+    # LibMTL's softmax update at step 1: softmax(0.4875, 0.3875).
+    agg = MoCo(2, lambda_update="softmax")
+    agg(J, losses)
+    p0 = 1 / (1 + math.exp(-0.1))
+    torch.testing.assert_close(agg.lam, torch.tensor([p0, 1 - p0]))
+    # Raw gradients (no losses needed): h = J.
+    agg = MoCo(2, normalize=False)
+    assert not agg.needs_losses
+    torch.testing.assert_close(agg(t([[1, 0], [0, 1]])), t([0.25, 0.25]))
+    with pytest.raises(ValueError, match="losses"):
+        MoCo(2)(J)
+    with pytest.raises(ValueError, match="space=params"):
+        agg(torch.zeros(2, 5))
+
+
+def test_excessmtl_first_two_steps_by_hand() -> None:
+    # Step 0: risks sum_i g_i^2 / sqrt(g_i^2 + eps) = (4/2, 1/1) = (2, 1) recorded, the weights
+    # stay ones: g = (2, 1).
+    J1, J2 = t([[2, 0], [0, 1]]), t([[1, 0], [0, 2]])
+    agg = ExcessMTL(2, robust_step_size=1.0)
+    torch.testing.assert_close(agg(J1), t([2, 1]))
+    torch.testing.assert_close(agg.initial_risk, torch.tensor([2.0, 1.0]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(agg.last_weights, torch.ones(2))
+    # Step 1: accumulators (5, 0), (0, 5); risks 1/sqrt 5 and 4/sqrt 5; ratios to step 0:
+    # r = (1 / (2 sqrt 5), 4 / sqrt 5); w = 2 softmax(eta r).
+    r = torch.tensor([1 / (2 * math.sqrt(5)), 4 / math.sqrt(5)], dtype=torch.float64)
+    w = 2 * torch.softmax(r, 0)
+    torch.testing.assert_close(agg(J2), w @ J2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(agg.last_weights.double(), w, rtol=1e-5, atol=1e-6)
+    assert agg.last_weights.sum().item() == pytest.approx(2.0)
+    # A task without gradient at step 0 takes its reference later (no division by zero).
+    agg = ExcessMTL(2)
+    agg(t([[1, 0], [0, 0]]))
+    agg(J2)
+    assert torch.isfinite(agg.task_weights).all()
+    torch.testing.assert_close(agg.initial_risk, torch.tensor([1.0, 4 / math.sqrt(4)]), rtol=1e-5, atol=0)
+
+
+def test_modo_step_by_hand() -> None:
+    # G = diag(1, 4), lambda_0 = (1/2, 1/2), gamma = 0.1, rho = 0: lambda - 0.1 G lambda =
+    # (0.45, 0.3), projected: (0.575, 0.425); g = lambda^T J = (0.575, 0.85).
+    J = t([[1, 0], [0, 2]])
+    agg = MoDo(2, gamma=0.1, rho=0.0)
+    torch.testing.assert_close(agg(J), t([0.575, 0.85]))
+    torch.testing.assert_close(agg.last_weights, torch.tensor([0.575, 0.425]))
+    # LibMTL's defaults gamma = 1e-3, rho = 0.1: (0.5 - 1e-3 * 0.55, 0.5 - 1e-3 * 2.05) + 0.0013.
+    agg = MoDo(2)
+    agg(J)
+    torch.testing.assert_close(agg.lam, torch.tensor([0.50075, 0.49925]))
+
+
+def test_sdmgrad_steps_by_hand_and_inner_problem() -> None:
+    # J = diag(2, 1): G / mean(|g_t|)^2 = diag(4, 1) / 2.25. One step from (1/2, 1/2) with lr 5:
+    # grad = G~ w + 0.3 G~ 1/2 = 1.3 (2, 0.5) / 2.25, w - 5 grad = (-5.278, -0.944), projected
+    # onto the simplex: (0, 1). g = (J^T w + 0.3 g0) / 1.3 = ((0, 1) + 0.3 (1, 0.5)) / 1.3.
+    J = t([[2, 0], [0, 1]])
+    agg = SDMGrad(2, niter=1)
+    torch.testing.assert_close(agg(J), t([0.3 / 1.3, 1.15 / 1.3]))
+    torch.testing.assert_close(agg.w, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(agg.last_weights, torch.tensor([0.15 / 1.3, 1.15 / 1.3]))
+    # Orthogonal rows of equal norm: symmetric, w stays (1/2, 1/2), g = mean of the rows.
+    torch.testing.assert_close(SDMGrad(2)(t([[1, 0], [0, 1]])), t([0.5, 0.5]))
+    # Enough plain projected steps solve min_w 1/2 w^T G~ w + lam w^T G~ 1/T exactly.
+    J = rand_J(3, 5, 4)
+    G = J @ J.T
+    G = G / (G.diagonal().sqrt().mean() ** 2 + 1e-8)
+    agg = SDMGrad(3, niter=2000, lr=0.05, momentum=0.0)
+    agg(J)
+    w = simplex_qp(G, 0.3 * G.mean(1))
+    torch.testing.assert_close(agg.w.double(), w, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------- CAGrad's dual solver vs references

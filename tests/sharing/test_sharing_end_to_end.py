@@ -42,12 +42,12 @@ def test_sharing_trains_end_to_end(sharing, make_cfg, tmp_path):
 
 
 def test_representation_space_balancing_with_mmoe(make_cfg):
-    cfg = make_cfg(*QUICK, "sharing=mmoe", "balancer=upgrad", "balancer.space=representation")
+    cfg = make_cfg(*QUICK, "sharing=mmoe", "balancer=upgrad", "balancer.engine.space=representation")
     _, results = train(cfg)
     check_results(results, Path(cfg.paths.output_dir))
 
 
 def test_representation_space_balancing_with_cross_stitch_says_what_to_do(make_cfg):
-    cfg = make_cfg(*QUICK, "sharing=cross_stitch", "balancer=upgrad", "balancer.space=representation")
-    with pytest.raises(ValueError, match="balancer.space=representation.*CrossStitch.*balancer.space=params"):
+    cfg = make_cfg(*QUICK, "sharing=cross_stitch", "balancer=upgrad", "balancer.engine.space=representation")
+    with pytest.raises(ValueError, match="balancer.engine.space=representation.*CrossStitch.*balancer.engine.space=params"):
         train(cfg)

@@ -9,17 +9,20 @@ import torch
 from torch import nn
 
 from mtl.backbones.base import Backbone
+from mtl.schedule.parts import build_policy
 from mtl.transfer.policies import (
-    POLICIES,
     BackboneRamp,
     DiscriminativeLR,
     FineTunePolicy,
+    Full,
     GradualUnfreeze,
     LayerDecay,
+    LinearProbe,
     ProbeThenFull,
     backbone_blocks,
-    make_policy,
 )
+
+POLICIES = [Full, LinearProbe, ProbeThenFull, GradualUnfreeze, DiscriminativeLR, LayerDecay, BackboneRamp]
 
 
 class _Tiny(Backbone):
@@ -73,15 +76,15 @@ def test_backbone_blocks_real_resnet() -> None:
 
 
 def test_full_and_linear_probe() -> None:
-    assert make_policy("full").multipliers(3, 4) == [1.0] * 4
-    probe = make_policy("linear_probe")
+    assert Full().multipliers(3, 4) == [1.0] * 4
+    probe = LinearProbe()
     assert probe.multipliers(0, 3) == [0.0] * 3
     assert probe.frozen_blocks(7, 3) == [True] * 3
     assert probe.head_multiplier(7) == 1.0
 
 
 def test_probe_then_full() -> None:
-    p = make_policy("probe_then_full")
+    p = ProbeThenFull()
     assert p.multipliers(0, 2) == [0.0, 0.0]
     assert p.multipliers(1, 2) == [0.1, 0.1]
     assert p.multipliers(5, 2) == [0.1, 0.1]
@@ -93,7 +96,7 @@ def test_probe_then_full() -> None:
 
 
 def test_gradual_unfreeze_top_blocks_first() -> None:
-    p = make_policy("gradual_unfreeze")
+    p = GradualUnfreeze()
     assert p.multipliers(0, 3) == [0.0, 0.0, 1.0]
     assert p.multipliers(1, 3) == [0.0, 1.0, 1.0]
     assert p.multipliers(2, 3) == [1.0, 1.0, 1.0]
@@ -111,7 +114,7 @@ def test_gradual_unfreeze_start_period_and_factor() -> None:
 
 
 def test_discriminative_lr() -> None:
-    p = make_policy("discriminative_lr")
+    p = DiscriminativeLR()
     m = p.multipliers(0, 3)
     assert m == pytest.approx([2.6**-3, 2.6**-2, 2.6**-1])
     assert p.head_multiplier(0) == 1.0
@@ -119,14 +122,14 @@ def test_discriminative_lr() -> None:
 
 
 def test_layer_decay_beit() -> None:
-    p = make_policy("layer_decay")
+    p = LayerDecay()
     assert p.multipliers(0, 2) == pytest.approx([0.65**2, 0.65])
     assert LayerDecay(decay=0.5).multipliers(0, 3) == [0.125, 0.25, 0.5]
     assert LayerDecay(decay=1.0).multipliers(0, 3) == [1.0, 1.0, 1.0]
 
 
 def test_backbone_ramp_like_lightning() -> None:
-    p = make_policy("backbone_ramp")
+    p = BackboneRamp()
     assert p.multipliers(9, 2) == [0.0, 0.0]
     assert p.multipliers(10, 2) == pytest.approx([0.1, 0.1])
     assert p.multipliers(11, 2) == pytest.approx([0.15, 0.15])
@@ -140,8 +143,8 @@ def test_backbone_ramp_like_lightning() -> None:
 
 
 def test_policies_are_pure_functions_of_the_epoch() -> None:
-    for name in POLICIES:
-        p = make_policy(name)
+    for cls in POLICIES:
+        p, name = cls(), cls.__name__
         first = [p.multipliers(e, 4) for e in range(15)]
         again = [p.multipliers(e, 4) for e in reversed(range(15))][::-1]
         assert first == again, name
@@ -149,19 +152,22 @@ def test_policies_are_pure_functions_of_the_epoch() -> None:
             assert len(m) == 4 and all(x >= 0 and math.isfinite(x) for x in m), name
 
 
-def test_make_policy_errors_name_config_key() -> None:
-    with pytest.raises(ValueError, match=r"schedule\.stages\.<stage>\.policy.*unknown policy 'nope'"):
-        make_policy("nope")
-    with pytest.raises(ValueError, match=r"has no option\(s\) \['decay'\]"):
-        make_policy("discriminative_lr", decay=0.5)
+def test_policy_config_errors_name_the_key() -> None:
+    key = "schedule.stages.finetune.policy"
+    with pytest.raises(ValueError, match=r"(?s)schedule\.stages\.finetune\.policy: .*Nope"):
+        build_policy({"_target_": "mtl.transfer.policies.Nope"}, key)
+    with pytest.raises(ValueError, match=r"(?s)schedule\.stages\.finetune\.policy: .*decay"):
+        build_policy({"_target_": "mtl.transfer.policies.DiscriminativeLR", "decay": 0.5}, key)
+    with pytest.raises(ValueError, match=r"needs a _target_"):
+        build_policy({"decay": 0.5}, key)
+    with pytest.raises(TypeError, match=r"must build a FineTunePolicy, got Linear"):
+        build_policy({"_target_": "torch.nn.Linear", "in_features": 1, "out_features": 1}, key)
     with pytest.raises(ValueError, match=r"policy\.decay must be <= 1"):
-        make_policy("layer_decay", decay=1.5)
+        LayerDecay(decay=1.5)
     with pytest.raises(ValueError, match=r"policy\.probe_epochs must be an integer"):
-        make_policy("probe_then_full", probe_epochs=1.5)
-    with pytest.raises(ValueError, match=r"has no option"):
-        make_policy("full", factor=2)
+        ProbeThenFull(probe_epochs=1.5)
     with pytest.raises(ValueError, match="epoch >= 0"):
-        make_policy("full").multipliers(-1, 2)
+        Full().multipliers(-1, 2)
 
 
 def test_base_class_contract() -> None:

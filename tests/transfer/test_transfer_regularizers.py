@@ -138,24 +138,57 @@ def test_delta_known_maps() -> None:
     fm[1, 1] = torch.tensor([2.0, 0.0])  # example 1, channel 1: squared norm 4
     v0 = torch.zeros(2, 1)
     v = torch.tensor([[3.0], [0.0]])  # example 0: 9
-    # stage 0: mean over batch of (2, 4) = 3 ; stage 1: mean of (9, 0) = 4.5
+    # Transfer-Learning-Library scale: 1/2 sum over the batch. stage 0: (2 + 4) / 2 = 3;
+    # stage 1: 9 / 2 = 4.5.
     assert delta([fm, v], [fm0, v0], weight=1.0).item() == pytest.approx(7.5)
-    assert delta([fm, v], [fm0, v0]).item() == pytest.approx(0.075)
-    # channel weights [C]: channel 0 x 2, channel 1 x 0 -> stage 0 = mean(4, 0) = 2
+    assert delta([fm, v], [fm0, v0]).item() == pytest.approx(0.075)  # default weight 0.01
+    # channel weights [C] (attention): per-position mean, 1/2 sum over the batch.
+    # stage 0: channel 0 x 2, channel 1 x 0 -> (2 * 2 / 2 positions) / 2 = 1; stage 1 unweighted.
     w = [torch.tensor([2.0, 0.0]), None]
-    assert delta([fm, v], [fm0, v0], channel_weights=w, weight=1.0).item() == pytest.approx(2 + 4.5)
-    # per-example weights [B, C]
+    assert delta([fm, v], [fm0, v0], channel_weights=w, weight=1.0).item() == pytest.approx(1 + 4.5)
+    # per-example weights [B, C]: stage 0 (2 / 2 + 4 * 0.5 / 2) / 2 = 1, stage 1 (0 + 0) / 2 = 0
+    # (a weighted vector stage has one position).
     w = [torch.tensor([[1.0, 1.0], [1.0, 0.5]]), torch.tensor([[0.0], [1.0]])]
-    assert delta([fm, v], [fm0, v0], channel_weights=w, weight=1.0).item() == pytest.approx((2 + 2) / 2 + 0)
+    assert delta([fm, v], [fm0, v0], channel_weights=w, weight=1.0).item() == pytest.approx(1 + 0)
+    # Explicit reductions.
+    w = [torch.tensor([2.0, 0.0]), None]
+    assert delta([fm, v], [fm0, v0], channel_weights=w, weight=1.0, reduction="sum").item() == pytest.approx(2 + 4.5)
+    assert delta([fm, v], [fm0, v0], weight=1.0, reduction="position_mean").item() == pytest.approx(1.5 + 4.5)
+    # mtl's former reduction: mean over the batch, no 1/2 (equal to "sum" at B = 2 only).
+    assert delta([fm, v], [fm0, v0], weight=1.0, reduction="batch_mean").item() == pytest.approx(3 + 4.5)
+
+
+def test_delta_matches_transfer_learning_library_scale() -> None:
+    # Their BehavioralRegularization: sum_j 0.5 ||FM_j - FM0_j||^2 over the whole batch; their
+    # AttentionBehavioralRegularization: sum_j 0.5 sum_{b,c} C a_c ||.||^2_{(h,w)} / (h w) with a
+    # softmax attention a. Both written out here on B = 48 (their batch size), where mtl's former
+    # reduction was 2 / 48 = 1/24 of theirs.
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.randn(48, 3, 4, 5, generator=gen), torch.randn(48, 6, 2, 2, generator=gen)]
+    source = [torch.randn(m.shape, generator=gen) for m in maps]
+    theirs = sum(0.5 * torch.norm(m - s) ** 2 for m, s in zip(maps, source))
+    torch.testing.assert_close(delta(maps, source, weight=1.0), theirs)
+    torch.testing.assert_close(delta(maps, source, weight=1.0, reduction="batch_mean") * 24, theirs)
+    raw = [torch.randn(m.shape[1], generator=gen) for m in maps]
+    attention = [torch.softmax(r, 0) for r in raw]
+    theirs = 0.0
+    for m, s, a in zip(maps, source, attention):
+        b, c, h, w = m.shape
+        dist = torch.norm((m - s).reshape(b, c, h * w), 2, 2) ** 2
+        theirs = theirs + 0.5 * torch.sum(c * a * dist / (h * w))
+    ours = delta(maps, source, channel_weights=[delta_attention_weights(r) for r in raw], weight=1.0)
+    torch.testing.assert_close(ours, theirs)
 
 
 def test_delta_channels_last_and_source_detached() -> None:
     h0 = torch.zeros(1, 3, 2, requires_grad=True)  # [B, L, H]
     h = torch.ones(1, 3, 2, requires_grad=True)
     w = [torch.tensor([1.0, 0.0])]
-    # hidden unit 0 over 3 tokens: 3
+    # hidden unit 0 over 3 tokens: squared norm 3; weighted, so averaged over the 3 positions
+    # (tokens) and halved: 0.5; summed over them instead: 1.5.
     value = delta([h], [h0], channel_weights=w, weight=1.0, channel_dim=-1)
-    assert value.item() == pytest.approx(3.0)
+    assert value.item() == pytest.approx(0.5)
+    assert delta([h], [h0], channel_weights=w, weight=1.0, channel_dim=-1, reduction="sum").item() == pytest.approx(1.5)
     value.backward()
     assert h0.grad is None and h.grad is not None
 
@@ -167,6 +200,8 @@ def test_delta_errors() -> None:
         delta([torch.zeros(1, 2)], [torch.zeros(1, 3)])
     with pytest.raises(ValueError, match="channel weights have shape"):
         delta([torch.zeros(1, 2)], [torch.zeros(1, 2)], channel_weights=[torch.ones(3)])
+    with pytest.raises(ValueError, match=r"regularizers\.delta\.reduction"):
+        delta([torch.zeros(1, 2)], [torch.zeros(1, 2)], reduction="mean")
 
 
 def test_delta_attention_weights() -> None:
@@ -177,3 +212,10 @@ def test_delta_attention_weights() -> None:
     per_example = delta_attention_weights(torch.randn(3, 5), temperature=5.0, standardize=True)
     assert per_example.shape == (3, 5)
     assert torch.allclose(per_example.sum(dim=1), torch.full((3,), 5.0))
+    # Standardised with the population std (np.std) as in their calculate_channel_attention:
+    # Delta = (1, 2, 3, 4): z = (-1.5, -0.5, 0.5, 1.5) / sqrt(1.25), weights 4 softmax(z / 5).
+    z = torch.tensor([-1.5, -0.5, 0.5, 1.5]) / math.sqrt(1.25)
+    w = delta_attention_weights(torch.tensor([1.0, 2.0, 3.0, 4.0]), temperature=5.0, standardize=True)
+    assert torch.allclose(w, 4 * torch.softmax(z / 5, 0))
+    # Equal increases (zero deviation, where np.std would divide by zero): equal weights.
+    assert torch.allclose(delta_attention_weights(torch.full((4,), 0.3), standardize=True), torch.ones(4))

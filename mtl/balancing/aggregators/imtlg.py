@@ -30,12 +30,16 @@ class IMTLG(GradientAggregator):
     :math:`u_3^\top g = c (\|g_1\| + \|g_2\|)/\|g_1 + g_2\| \ne c` unless :math:`c = 0`), which the
     closed form returns up to round-off. This implementation uses the minimum-norm least-squares
     solution of the conditions :math:`u_t^\top v = 1` instead, :math:`c = \hat G^{+}\mathbf 1`
-    (pseudo-inverse, eigenvalues below :math:`\lambda_{\max}\,\epsilon_{\text{float32}}
-    \max(T, \sqrt P)` dropped: the float32 Gramian carries round-off of about that size), with the
-    same normalisation :math:`\sum_t\alpha_t = 1`. The projections are then as equal as the
-    geometry allows (exactly equal whenever equal projections exist, e.g. duplicated directions);
-    for the example above :math:`\alpha = (1/3, 1/3, 1/3)` when :math:`g_1 \perp g_2` are unit
-    vectors. With independent rows nothing changes. Zero gradients get zero weight.
+    (pseudo-inverse), with the same normalisation :math:`\sum_t\alpha_t = 1`. The projections are
+    then as equal as the geometry allows (exactly equal whenever equal projections exist, e.g.
+    duplicated directions); for the example above :math:`\alpha = (1/3, 1/3, 1/3)` when
+    :math:`g_1 \perp g_2` are unit vectors. Zero gradients get zero weight. The pseudo-inverse drops
+    the eigenvalues of :math:`\hat G` below :math:`\lambda_{\max}\,\epsilon_{\text{float32}}
+    \max(4, \sqrt P)`, a margin over the round-off of the float32 Gramian (measured: about
+    :math:`10^{-7}\lambda_{\max}` for ``P <= 1e4``, :math:`10^{-5}\lambda_{\max}` for ``P = 1e6`` on
+    CPU); where every eigenvalue is above it the result is the paper's closed form. Near that
+    boundary the two differ: the closed form tends to :math:`g \to 0` as the rows become
+    dependent, this one to the least-squares direction.
 
     Note: for ``T >= 3`` nothing in the rule forces the common projection to be positive:
     :math:`\mathbf 1^\top\beta` can be negative (about 1% of Gaussian Jacobians, more when the
@@ -59,7 +63,7 @@ class IMTLG(GradientAggregator):
         norms = G.diagonal().clamp_min(0).sqrt()
         inv = torch.where(norms > self.eps, 1.0 / norms.clamp_min(self.eps), torch.zeros_like(norms))
         lam, V = torch.linalg.eigh(inv[:, None] * G * inv[None, :])
-        tol = lam.max().clamp_min(0) * max(T, math.sqrt(J.shape[1])) * torch.finfo(torch.float32).eps
+        tol = lam.max().clamp_min(0) * max(4.0, math.sqrt(J.shape[1])) * torch.finfo(torch.float32).eps
         keep = lam > tol
         V = V[:, keep]
         c = (V / lam[keep]) @ (V.T @ torch.ones(T, dtype=G.dtype))  # pinv(G_unit) 1
