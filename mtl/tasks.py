@@ -17,13 +17,8 @@ from torch import Tensor
 
 KINDS = ("multiclass", "binary", "multilabel", "regression")
 
-#: Primary metric of each kind and whether a larger value is better.
-PRIMARY_METRIC = {
-    "multiclass": ("acc", True),
-    "binary": ("auroc", True),
-    "multilabel": ("auroc", True),
-    "regression": ("mae", False),
-}
+#: Primary metric of each kind (directions: :attr:`Task.metric_directions`).
+PRIMARY_METRIC = {"multiclass": "acc", "binary": "auroc", "multilabel": "auroc", "regression": "mae"}
 
 
 @dataclass
@@ -64,7 +59,7 @@ class Task:
         if self.kind == "regression":
             self.out_features = int(self.out_features or 1)
         if self.metric is None:
-            self.metric = PRIMARY_METRIC[self.kind][0]
+            self.metric = PRIMARY_METRIC[self.kind]
         if self.metric not in self.metric_names:
             raise ValueError(
                 f"Task '{self.name}': metric '{self.metric}' is not one of {self.metric_names}."

@@ -44,7 +44,7 @@ def build(name, num_tasks=3):
 
 
 def test_presets_cover_every_method():
-    assert len(AGGREGATORS) == 13 and len(WEIGHTINGS) == 10
+    assert len(AGGREGATORS) == 17 and len(WEIGHTINGS) == 10
 
 
 @pytest.mark.parametrize("space", ["params", "representation"])

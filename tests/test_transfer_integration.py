@@ -186,7 +186,7 @@ def test_linear_probe_freezes_the_shared_parts_of_the_sharing_structure(data):
     from mtl.sharing import MMoE
 
     torch.manual_seed(0)
-    model = MultiTaskModel(MLP(input_shape=(8, 16), hidden=[16, 16], norm=True), data.tasks, sharing=partial(MMoE, num_experts=2))
+    model = MultiTaskModel(MLP(input_shape=data.input_shape, hidden=[16, 16], norm=True), data.tasks, sharing=partial(MMoE, num_experts=2))
     module = MultiTaskModule(model, policy=LinearProbe())
     groups = {g["name"]: g for g in module.configure_optimizers().param_groups}
     assert set(groups) == {"backbone.0", "backbone.1", "sharing", "task_parts", "heads"}

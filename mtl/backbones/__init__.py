@@ -1,4 +1,6 @@
-"""Encoders shared by all tasks. Each is a :class:`~mtl.backbones.base.Backbone`.
+"""Encoders shared by all tasks, one per file, each a :class:`~mtl.backbones.base.Backbone` built
+the same way: ``Backbone(input_shape, **options)`` (``mlp``, ``cnn``, ``resnet``,
+``timm_backbone``, ``hf``).
 
 ``TimmBackbone`` and ``HFBackbone`` wrap optional packages (extras ``[timm]`` and ``[hf]``); their
 modules import ``timm`` / ``transformers`` only when a backbone is built.

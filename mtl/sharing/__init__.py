@@ -1,4 +1,11 @@
-"""Structure sharing: how the backbone's computation is shared among tasks."""
+"""Structure sharing: how the backbone's computation is shared among tasks.
+
+One architecture per file: ``hard`` (one backbone for every task), ``cross_stitch`` (a column per
+task mixed by learned units), ``mtan`` (task attention over the stages), ``mmoe`` (MMoE and the
+one-gate OMoE), ``ple`` (CGC and PLE), ``dselect_k``; ``experts.py`` holds what the mixtures of
+experts share and ``base.py`` the interface (:class:`Sharing`: features per task, the shared
+representation, ``shared_parameters`` and ``regularization``).
+"""
 
 from mtl.sharing.base import SharedFeatures, Sharing
 from mtl.sharing.cross_stitch import CrossStitch

@@ -32,7 +32,8 @@ class NashMTL(GradientAggregator):
     :func:`~mtl.balancing.solvers.bargaining_weights`): a task with a zero gradient gets weight 0
     and the others bargain alone; if the solution's update has cosine below ``min_cos`` with some
     task gradient (a Pareto-stationary point such as rows ``g`` and ``-g``, where the weights
-    diverge), the update is zero and so are the weights. So the weights stay bounded,
+    diverge), the update is zero and so are the weights (reused as such until the next
+    recomputation when ``update_weights_every > 1``). So the weights stay bounded,
     :math:`\alpha_t \le 1 / (\text{min\_cos}\,\sqrt T\,\|g_t\|)`. The official code keeps the
     previous weights when its convex program is infeasible.
 

@@ -24,7 +24,7 @@ class SDMGrad(GradientAggregator):
     .. math:: g = \frac{J^\top w + \lambda g_0}{1 + \lambda},
 
     i.e. MGDA for :math:`\lambda = 0` and the mean gradient for :math:`\lambda \to \infty`. As in
-    the official code and LibMTL, the inner problem uses the Gramian divided by the squared mean
+    LibMTL (modified from the official code), the inner problem uses the Gramian divided by the squared mean
     gradient norm, :math:`\tilde G = G / (\bar n^2 + 10^{-8})` with
     :math:`\bar n = \frac1T\sum_t\|g_t\|`, its gradient :math:`\tilde G w + \lambda \tilde G
     \mathbf 1/T`, and SGD with learning rate ``lr`` and momentum ``momentum`` (a fresh momentum
