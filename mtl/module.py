@@ -116,6 +116,8 @@ class MultiTaskModule(pl.LightningModule):
             transfer.bind(model, self.target_tasks)
         self.monitor = monitor
         self.gradient_clip_val = gradient_clip_val
+        #: ``{task: loss}`` (detached) of the last training step
+        self.step_losses: dict[str, Tensor] = {}
         self.metrics = nn.ModuleDict(
             {
                 f"{split}_{kind}": nn.ModuleDict(
@@ -182,6 +184,7 @@ class MultiTaskModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         records: list[ForwardRecord] = []
         losses = self.task_losses(batch, "train", records)
+        self.step_losses = {t: loss.detach() for t, loss in losses.items()}  # read by callbacks (guards)
         if not self.automatic_optimization:
             return self._aggregated_step(losses, records)
         if self.balancer is None:
