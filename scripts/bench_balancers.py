@@ -4,8 +4,8 @@ Usage::
 
     python scripts/bench_balancers.py [--quick] [--device cpu|cuda] [--out FILE]
 
-Prints a JSON list of rows ``{"method", "space", "tasks", "ms_per_step", "ratio_vs_ew", "peak_mb",
-"ratio_vs_loop_baseline"}`` (a row whose method failed has ``"error"`` instead of timings) and writes
+Prints a JSON list of rows ``{"method", "space", "tasks", "ms_per_step", "ratio_vs_ew",
+"ratio_vs_ew_range", "ratio_vs_loop_baseline", "ratio_vs_loop_baseline_range", "peak_mb"}`` (a row whose method failed has ``"error"`` instead of timings) and writes
 it to ``--out`` if given.
 
 Setup: a small CNN (:class:`mtl.backbones.CNN`, blocks of 32-64-64 channels on 3x16x16 inputs,
@@ -25,8 +25,12 @@ writing ``.grad`` + ``optimizer.step()``. Methods:
   weighted loss; GradNorm gets the last conv layer's weight; weightings that need the losses after
   the step recompute them, which counts in their time).
 
-``ms_per_step`` is the **median** over the timed steps (the CPU machines these run on are shared,
-and the median is far less sensitive to a neighbour's burst than the mean). ``peak_mb``: on CUDA,
+Contenders alternate: after a warm-up, each runs ``--steps`` steps in turn for ``--rounds`` rounds
+(the order rotates), timed by this process's CPU time on the CPU (one thread) and by wall time after
+a device sync on CUDA. ``ms_per_step`` is the median over rounds; ``ratio_vs_ew`` and
+``ratio_vs_loop_baseline`` are the medians of the per-round ratios to the reference's time in the
+same round, with their ``_range`` (min, max) as the spread. The aggregator step is
+:func:`mtl.balancing.balanced_backward`, the function the training module calls. ``peak_mb``: on CUDA,
 ``torch.cuda.max_memory_allocated`` during the method's steps (reset before each method); on CPU,
 the process's maximum resident set size (``getrusage`` ``ru_maxrss``) after the method, in MB: a
 coarse, monotone high-water mark of the whole process (it only moves when a method needs more than
@@ -193,40 +197,49 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_method(make_step, extra_params, T, device, warmup, steps, seed=0):
-    """Median milliseconds per step and peak memory of one method at ``T`` tasks."""
-    torch.manual_seed(seed)
-    model = BenchModel(T).to(device)
-    shared = [p for p in model.backbone.parameters() if p.requires_grad]
-    heads = [p for p in model.heads.parameters()]
-    groups = [{"params": list(model.parameters())}]
-    if extra_params:
-        groups.append({"params": extra_params, "weight_decay": 0.0})
-    opt = torch.optim.SGD(groups, lr=0.01)
-    step = make_step(model, opt, shared, heads)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    batches = [
-        (
-            torch.randn(BATCH, 3, 16, 16, generator=gen).to(device),
-            torch.randint(0, CLASSES, (T, BATCH), generator=gen).to(device),
-        )
-        for _ in range(4)
-    ]
-    for i in range(warmup):
-        step(*batches[i % len(batches)])
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        step(*batches[i % len(batches)])
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times), peak_mb(device)
+class Contender:
+    """One method at ``T`` tasks: its model, optimizer, step and batches, ready to be timed."""
+
+    def __init__(self, make_step, extra_params, T, device, seed=0) -> None:
+        torch.manual_seed(seed)
+        model = BenchModel(T).to(device)
+        shared = [p for p in model.backbone.parameters() if p.requires_grad]
+        heads = [p for p in model.heads.parameters()]
+        groups = [{"params": list(model.parameters())}]
+        if extra_params:
+            groups.append({"params": extra_params, "weight_decay": 0.0})
+        opt = torch.optim.SGD(groups, lr=0.01)
+        self.step = make_step(model, opt, shared, heads)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.batches = [
+            (
+                torch.randn(BATCH, 3, 16, 16, generator=gen).to(device),
+                torch.randint(0, CLASSES, (T, BATCH), generator=gen).to(device),
+            )
+            for _ in range(4)
+        ]
+        self.device = device
+        self.calls = 0
+        self.ms: list[float] = []  # per round: milliseconds per step
+
+    def run(self, steps: int) -> float:
+        """Milliseconds per step over ``steps`` steps: CPU time of this process on the CPU (one
+        thread), wall time after a device sync on CUDA."""
+        clock = time.perf_counter if self.device.type == "cuda" else time.process_time
+        sync(self.device)
+        t0 = clock()
+        for _ in range(steps):
+            self.step(*self.batches[self.calls % len(self.batches)])
+            self.calls += 1
+        sync(self.device)
+        return 1000 * (clock() - t0) / steps
 
 
-def run(task_counts, device, warmup, steps, log) -> list[dict]:
+def run(task_counts, device, warmup, steps, rounds, log) -> list[dict]:
+    """Per ``T``: every contender warmed up, then ``rounds`` rounds in which each runs ``steps``
+    steps in turn (the order rotates each round), so that all of them see the same machine load.
+    A method's ``ms_per_step`` is its median over rounds; its ratios are the medians of the per-round
+    ratios to EW (and to the loop baseline) of the same round, with their min and max."""
     rows: list[dict] = []
     for T in task_counts:
         methods: list[tuple[str, str, object]] = [
@@ -248,23 +261,50 @@ def run(task_counts, device, warmup, steps, log) -> list[dict]:
 
             methods.append((name, "params", build_w))
 
-        base: dict[str, float] = {}
+        contenders: dict[tuple[str, str], Contender] = {}
+        failed: dict[tuple[str, str], str] = {}
+        peaks: dict[tuple[str, str], float] = {}
         for name, space, build in methods:
-            row = {"method": name, "space": space, "tasks": T}
             try:
                 make_step, extra = build()
-                ms, mb = time_method(make_step, extra, T, device, warmup, steps)
-                row.update(ms_per_step=round(ms, 3), peak_mb=round(mb, 1))
-                if name in ("ew", "loop_baseline"):
-                    base[name] = ms
-                row["ratio_vs_ew"] = round(ms / base["ew"], 3) if "ew" in base else None
-                row["ratio_vs_loop_baseline"] = (
-                    round(ms / base["loop_baseline"], 3) if "loop_baseline" in base else None
-                )
+                c = Contender(make_step, extra, T, device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                c.run(warmup)
+                peaks[(name, space)] = peak_mb(device)
+                contenders[(name, space)] = c
             except Exception as err:  # one broken method must not hide the others
-                row["error"] = f"{type(err).__name__}: {err}"
+                failed[(name, space)] = f"{type(err).__name__}: {err}"
+        keys = list(contenders)
+        for r in range(rounds):
+            shift = r % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                try:
+                    contenders[key].ms.append(contenders[key].run(steps))
+                except Exception as err:  # noqa: BLE001
+                    failed[key] = f"{type(err).__name__}: {err}"
+        ew = contenders[("ew", "params")].ms
+        loop = contenders[("loop_baseline", "params")].ms
+        for name, space, _ in methods:
+            key = (name, space)
+            row = {"method": name, "space": space, "tasks": T}
+            if key in failed:
+                row["error"] = failed[key]
+            else:
+                ms = contenders[key].ms
+                vs_ew = [m / e for m, e in zip(ms, ew)]
+                vs_loop = [m / b for m, b in zip(ms, loop)]
+                row.update(
+                    ms_per_step=round(statistics.median(ms), 3),
+                    ratio_vs_ew=round(statistics.median(vs_ew), 3),
+                    ratio_vs_ew_range=[round(min(vs_ew), 3), round(max(vs_ew), 3)],
+                    ratio_vs_loop_baseline=round(statistics.median(vs_loop), 3),
+                    ratio_vs_loop_baseline_range=[round(min(vs_loop), 3), round(max(vs_loop), 3)],
+                    peak_mb=round(peaks[key], 1),
+                )
             rows.append(row)
             log(json.dumps(row))
+        del contenders
     return rows
 
 
@@ -274,7 +314,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON rows here")
     parser.add_argument("--tasks", type=int, nargs="+", default=None, help="override the task counts")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per method")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per method and round")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of alternation")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method")
     parser.add_argument("--keep-denormals", action="store_true", help="CPU: do not flush denormals")
     parser.add_argument(
@@ -294,15 +335,16 @@ def main(argv=None) -> None:
             torch.set_flush_denormal(True)
     elif args.threads:
         torch.set_num_threads(args.threads)
-    task_counts = args.tasks or ([2, 10] if args.quick else [2, 10, 40])
-    steps = args.steps or (8 if args.quick else 20)
+    task_counts = args.tasks or ([2, 10] if args.quick else [2, 10, 40, 100])
+    steps = args.steps or (2 if args.quick else 4)
+    rounds = args.rounds or (3 if args.quick else 5)
     warmup = args.warmup or (2 if args.quick else 3)
     print(
         f"# device={device} jacobian_method={resolve_method(JACOBIAN_METHOD, device)} tasks={task_counts} "
-        f"warmup={warmup} steps={steps} threads={torch.get_num_threads()} torch={torch.__version__}",
+        f"warmup={warmup} steps={steps} rounds={rounds} threads={torch.get_num_threads()} torch={torch.__version__}",
         file=sys.stderr,
     )
-    rows = run(task_counts, device, warmup, steps, log=lambda s: print(s, file=sys.stderr, flush=True))
+    rows = run(task_counts, device, warmup, steps, rounds, log=lambda s: print(s, file=sys.stderr, flush=True))
     text = json.dumps(rows, indent=1)
     print(text)
     if args.out is not None:
