@@ -151,3 +151,29 @@ def test_dselect_k_regularization_enters_the_loss():
     assert reg.item() > 0  # 3 experts is not a power of 2: the unreachable-expert term is positive
     module.log = lambda *a, **k: None
     assert module.training_step(batch, 0).item() == pytest.approx((plain + reg).item(), rel=1e-5)
+
+
+def test_epoch_means_accumulate_scalars_and_vectors_without_logging_per_step():
+    from mtl.module import EpochMeans
+
+    means = EpochMeans()
+    for v in (1.0, 2.0, 6.0):
+        means.add("loss", torch.tensor(v))
+        means.add("weights", torch.tensor([v, 2 * v]))
+    out = means.pop()
+    assert out["loss"].item() == pytest.approx(3.0)
+    assert out["weights"].tolist() == pytest.approx([3.0, 6.0])
+    assert means.pop() == {}  # reset
+
+
+def test_step_statistics_are_logged_once_per_epoch():
+    torch.manual_seed(0)
+    tasks = [Task("a", kind="multiclass", num_classes=3), Task("b", kind="regression")]
+    model = MultiTaskModel(MLP(input_shape=(8,), hidden=[16]), tasks)
+    module = MultiTaskModule(model)
+    calls = []
+    original = module.log
+    module.log = lambda name, *a, **k: (calls.append(name), original(name, *a, **k))
+    trainer(max_epochs=2).fit(module, DataLoader(TwoTaskData(128), batch_size=16))  # 8 steps per epoch
+    assert calls.count("train/loss") == 2  # per epoch, not per step
+    assert {"train/loss", "train/a/acc", "train/b/mae"} <= set(module.trainer.callback_metrics)
