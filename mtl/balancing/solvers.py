@@ -44,6 +44,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+try:  # an optional compiled QP solver (pip install "mtl[qp]"): Goldfarb-Idnani's dual method
+    import quadprog as _quadprog
+except ImportError:  # pragma: no cover - depends on the environment
+    _quadprog = None
+
 __all__ = [
     "active_set_qp",
     "bargaining_weights",
@@ -726,9 +731,39 @@ def nonnegative_qp_batched(
     return torch.from_numpy(X).to(device=H.device, dtype=H.dtype)
 
 
-def dual_cone_weights_batched(U: Tensor, G: Tensor) -> Tensor:
-    """:func:`dual_cone_weights` with the ``K`` quadratic programs (which share ``G``) solved in
-    one batched active-set pass (:func:`nonnegative_qp_batched`). ``U [K, T]``, ``G [T, T]``;
-    returns ``[K, T]``.
+def dual_cone_weights_batched(U: Tensor, G: Tensor, backend: str = "auto") -> Tensor:
+    """:func:`dual_cone_weights` for the ``K`` quadratic programs (which share ``G``) at once.
+    ``U [K, T]``, ``G [T, T]``; returns ``[K, T]``.
+
+    Backends: ``active_set`` solves them in one batched active-set pass
+    (:func:`nonnegative_qp_batched`); ``quadprog`` calls the compiled dual active-set solver of
+    Goldfarb and Idnani (1983) from the ``quadprog`` package once per row, on ``G`` scaled to unit
+    diagonal maximum with the same ``1e-12`` ridge (both are exact; they agree to ~1e-14 on the
+    weights). ``auto`` uses ``quadprog`` when it is installed (``pip install "mtl[qp]"``): it is
+    3-4 times faster at every ``T`` measured (2 to 100), and falls back to the active set for a
+    Gramian that is not numerically positive definite.
     """
+    if backend not in ("auto", "quadprog", "active_set"):
+        raise ValueError(f"backend must be 'auto', 'quadprog' or 'active_set', got '{backend}'.")
+    if backend == "quadprog" and _quadprog is None:
+        raise ImportError('The quadprog backend needs the quadprog package: pip install "mtl[qp]".')
+    if backend != "active_set" and _quadprog is not None:
+        try:
+            return _dual_cone_quadprog(U, G)
+        except ValueError:  # not positive definite to quadprog's tolerance
+            if backend == "quadprog":
+                raise
     return U + nonnegative_qp_batched(G, U @ G.T)
+
+
+def _dual_cone_quadprog(U: Tensor, G: Tensor) -> Tensor:
+    """``argmin_{v >= u} v^T G v`` per row ``u`` of ``U`` with quadprog's ``solve_qp``
+    (``min 1/2 v^T H v - a^T v  s.t.  C^T v >= b`` with ``a = 0``, ``C = I``, ``b = u``)."""
+    T = G.shape[0]
+    H = G.detach().to("cpu", torch.float64).numpy()
+    scale = float(np.max(np.abs(np.diag(H)))) or 1.0
+    H = H / scale + _RIDGE * np.eye(T)  # the minimiser does not depend on the scale
+    zeros, eye = np.zeros(T), np.eye(T)
+    rows = [_quadprog.solve_qp(H, zeros, eye, u, 0)[0] for u in U.detach().to("cpu", torch.float64).numpy()]
+    out = np.maximum(np.stack(rows), U.detach().to("cpu", torch.float64).numpy())  # v >= u exactly
+    return torch.from_numpy(out).to(device=G.device, dtype=G.dtype)

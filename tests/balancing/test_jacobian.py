@@ -416,3 +416,24 @@ def test_cuda_bf16_batched_matches_loop(space):
     torch.testing.assert_close(J_auto.float(), J_loop.float(), rtol=2e-2, atol=1e-3)
     J32, finite = unscale(J_auto, torch.tensor(1.0, device="cuda"))
     assert finite.device.type == "cuda" and bool(finite)
+
+
+@pytest.mark.parametrize("T", [2, 5, 30])
+def test_dual_cone_backends_agree(T):
+    """The compiled quadprog backend and the built-in active set solve the same QPs."""
+    pytest.importorskip("quadprog")
+    from mtl.balancing.solvers import dual_cone_weights_batched
+
+    gen = torch.Generator().manual_seed(T)
+    J = torch.randn(T, 50, generator=gen, dtype=torch.float64)
+    J[0] = -J[1]  # a conflicting pair, so that constraints bind
+    G = J @ J.T / (J @ J.T).trace() + 1e-4 * torch.eye(T, dtype=torch.float64)
+    U = torch.eye(T, dtype=torch.float64) / T
+    a = dual_cone_weights_batched(U, G, backend="active_set")
+    q = dual_cone_weights_batched(U, G, backend="quadprog")
+    torch.testing.assert_close(a, q, atol=1e-10, rtol=0)
+    assert (q >= U).all()
+    # a singular Gramian (a zero row, no ridge) falls back to the active set under "auto"
+    J[2:3] = 0
+    S = J @ J.T / (J @ J.T).trace()
+    torch.testing.assert_close(dual_cone_weights_batched(U, S), dual_cone_weights_batched(U, S, backend="active_set"), atol=1e-9, rtol=0)
