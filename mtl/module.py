@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from mtl.balancing.aggregators.base import GradientAggregator
 from mtl.balancing.backward import balanced_backward
+from mtl.balancing.gramian import GramianEngine
 from mtl.balancing.jacobian import JacobianEngine
 from mtl.balancing.weightings.base import LossWeighting
 from mtl.model import MultiTaskModel
@@ -80,7 +81,9 @@ class MultiTaskModule(pl.LightningModule):
             gradients combined into one update; manual optimization), built for the module's tasks
             in order (targets, then sources). It acts on the statically weighted losses
             ``w_t L_t``. None: the static sum.
-        engine: the :class:`~mtl.balancing.JacobianEngine` of an aggregator (space, method).
+        engine: how an aggregator gets its task gradients: a :class:`~mtl.balancing.JacobianEngine`
+            (space, method) or a :class:`~mtl.balancing.GramianEngine` (weights from ``J J^T``
+            computed by chunks, never holding ``J``).
         optimizer: ``callable(params) -> Optimizer`` such as a Hydra ``_partial_`` optimizer;
             default ``AdamW(lr=1e-3)``.
         scheduler: ``callable(optimizer) -> LRScheduler`` (stepped each epoch), or None.
@@ -99,7 +102,7 @@ class MultiTaskModule(pl.LightningModule):
         source_tasks: Sequence[str] = (),
         alpha: float | AlphaSchedule = 0.5,
         balancer: LossWeighting | GradientAggregator | None = None,
-        engine: JacobianEngine | None = None,
+        engine: JacobianEngine | GramianEngine | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         policy: FineTunePolicy | None = None,

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from mtl.balancing.aggregators.base import GradientAggregator
+from mtl.balancing.gramian import GramianEngine, gramian_by_chunks, gramian_factor
 from mtl.balancing.jacobian import (
     JacobianEngine,
     all_reduce_gradients,
@@ -78,7 +79,7 @@ def balanced_backward(
     aggregator: GradientAggregator,
     shared_params: Sequence[Tensor],
     task_params: Sequence[Tensor],
-    engine: JacobianEngine | None = None,
+    engine: JacobianEngine | GramianEngine | None = None,
     representations: Sequence[Tensor] | None = None,
     loss_scale: Tensor | None = None,
     task_term: Tensor | None = None,
@@ -92,7 +93,9 @@ def balanced_backward(
         shared_params: the shared parameters that require grad (the rows of ``J`` in the params
             space; the parameters the representation's gradient reaches otherwise).
         task_params: the task-specific parameters that require grad (heads, task gates).
-        engine: space and Jacobian method (default: params space, ``auto``).
+        engine: a :class:`~mtl.balancing.JacobianEngine` (space and Jacobian method; default: params
+            space, ``auto``) or a :class:`~mtl.balancing.GramianEngine` (params space, never
+            holding ``J``; for ``gramian_based`` aggregators, see :mod:`mtl.balancing.gramian`).
         representations: the shared representation of every forward pass (``[B, ...]`` each);
             required when ``engine.space == "representation"``.
         loss_scale: fp16 loss scale (0-dim tensor), or None.
@@ -104,6 +107,8 @@ def balanced_backward(
     """
     engine = engine or JacobianEngine()
     shared_params, task_params = list(shared_params), list(task_params)
+    if isinstance(engine, GramianEngine):
+        return _gramian_backward(losses, aggregator, shared_params, task_params, engine, loss_scale, task_term, extra_term)
     representation = engine.space == "representation"
     if representation:
         reps = list(representations or [])
@@ -150,3 +155,49 @@ def balanced_backward(
         all_reduce_gradients(params, average=True)
     norms, cosines = jacobian_statistics(J)
     return BackwardStats(aggregator.last_weights, norms, cosines)
+
+
+def _gramian_backward(
+    losses: Tensor,
+    aggregator: GradientAggregator,
+    shared_params: list[Tensor],
+    task_params: list[Tensor],
+    engine: GramianEngine,
+    loss_scale: Tensor | None,
+    task_term: Tensor | None,
+    extra_term: Tensor | None,
+) -> BackwardStats:
+    """:func:`balanced_backward` under the Gramian engine (see :mod:`mtl.balancing.gramian`)."""
+    if not getattr(aggregator, "gramian_based", False):
+        raise ValueError(
+            f"{type(aggregator).__name__} does not update along a weighting of the task gradients that "
+            f"depends on their Gramian only, so it cannot run under mtl.balancing.GramianEngine; use "
+            f"balancer.engine._target_=mtl.balancing.JacobianEngine."
+        )
+    scaled = losses if loss_scale is None else losses * loss_scale
+    G = gramian_by_chunks(scaled, shared_params, engine.chunk_size, engine.method)
+    finite = None
+    if loss_scale is not None:
+        finite = torch.isfinite(G).all()
+        G = torch.where(finite, G / loss_scale.double() ** 2, torch.zeros((), dtype=G.dtype, device=G.device))
+    aggregator(gramian_factor(G), losses.detach())
+    weights = aggregator.last_weights.to(device=losses.device, dtype=losses.dtype)
+    if finite is not None:
+        weights = torch.where(finite, weights, torch.full_like(weights, float("inf")))  # poison: the scaler skips
+    keep = extra_term is not None and extra_term.requires_grad
+    if shared_params:
+        torch.autograd.backward((weights * scaled).sum(), inputs=shared_params, retain_graph=True)
+        all_reduce_gradients(shared_params, average=True)
+    if task_params:
+        own = scaled.sum()
+        if task_term is not None and task_term.requires_grad:
+            own = own + (task_term if loss_scale is None else task_term * loss_scale)
+        torch.autograd.backward(own, inputs=task_params, retain_graph=keep)
+        all_reduce_gradients(task_params, average=True)
+    if keep:
+        params = shared_params + task_params
+        torch.autograd.backward(extra_term if loss_scale is None else extra_term * loss_scale, inputs=params)
+        all_reduce_gradients(params, average=True)
+    norms = G.diagonal().clamp_min(0).sqrt()
+    cosines = G / (norms[:, None] * norms[None, :]).clamp_min(1e-24)
+    return BackwardStats(aggregator.last_weights, norms.float(), cosines.float())

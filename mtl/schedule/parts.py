@@ -14,6 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from mtl.balancing.aggregators.base import GradientAggregator
+from mtl.balancing.gramian import GramianEngine
 from mtl.balancing.jacobian import JacobianEngine
 from mtl.balancing.weightings.base import LossWeighting
 from mtl.transfer.policies import FineTunePolicy
@@ -52,7 +53,7 @@ def build(spec: Any, where: str, expected: type | tuple[type, ...], **kwargs: An
 
 def build_balancer(
     spec: Any, num_tasks: int, where: str
-) -> tuple[LossWeighting | GradientAggregator | None, JacobianEngine]:
+) -> tuple[LossWeighting | GradientAggregator | None, JacobianEngine | GramianEngine]:
     """``(balancer, engine)`` from a ``{method: node, engine: node}`` balancer config (None: none)."""
     if spec is None:
         return None, JacobianEngine()
@@ -65,7 +66,7 @@ def build_balancer(
     engine_spec = spec.get("engine")
     if isinstance(engine_spec, Mapping) and "_target_" not in engine_spec:
         engine_spec = {"_target_": "mtl.balancing.JacobianEngine", **engine_spec}
-    engine = build(engine_spec, f"{where}.engine", JacobianEngine) if engine_spec is not None else JacobianEngine()
+    engine = build(engine_spec, f"{where}.engine", (JacobianEngine, GramianEngine)) if engine_spec is not None else JacobianEngine()
     return balancer, engine
 
 

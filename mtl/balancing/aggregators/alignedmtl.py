@@ -34,6 +34,8 @@ class AlignedMTL(GradientAggregator):
         scale_mode: ``min`` (default), ``median`` or ``rmse``.
     """
 
+    gramian_based = True
+
     def __init__(self, num_tasks: int, scale_mode: str = "min") -> None:
         super().__init__(num_tasks)
         if scale_mode not in SCALE_MODES:

@@ -56,6 +56,10 @@ class GradientAggregator(nn.Module, abc.ABC):
 
     #: Whether :meth:`forward` needs the task losses (DB-MTL; MGDA with loss normalisation).
     needs_losses: bool = False
+    #: Whether the update is ``w^T J`` with weights ``w`` that depend on ``J`` only through its
+    #: Gramian ``J J^T`` (and the losses): such a method runs under the Gramian engine
+    #: (:mod:`mtl.balancing.gramian`), which never holds ``J``.
+    gramian_based: bool = False
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()

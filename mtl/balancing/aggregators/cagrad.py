@@ -83,6 +83,8 @@ class CAGrad(GradientAggregator):
             Keep it above ``1e-7``, the smallest :math:`\|g_w\|` that :func:`cagrad_dual` resolves.
     """
 
+    gramian_based = True
+
     def __init__(self, num_tasks: int, c: float = 0.4, rescale: int = 1, eps: float = 1e-6) -> None:
         super().__init__(num_tasks)
         if c < 0:

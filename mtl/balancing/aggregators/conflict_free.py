@@ -31,6 +31,8 @@ class ConFIG(GradientAggregator):
         eps: guard on norms.
     """
 
+    gramian_based = True
+
     def __init__(self, num_tasks: int, eps: float = 1e-12) -> None:
         super().__init__(num_tasks)
         self.eps = eps

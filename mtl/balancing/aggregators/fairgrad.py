@@ -40,6 +40,8 @@ class FairGrad(GradientAggregator):
             point is treated as Pareto-stationary (no update).
     """
 
+    gramian_based = True
+
     def __init__(
         self, num_tasks: int, alpha: float = 1.0, max_norm: float = 1.0, min_cos: float = 1e-3
     ) -> None:

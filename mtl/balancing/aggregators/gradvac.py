@@ -38,6 +38,8 @@ class GradVac(GradientAggregator):
         eps: numerical guard for zero-norm gradients.
     """
 
+    gramian_based = True
+
     target: Tensor
 
     def __init__(

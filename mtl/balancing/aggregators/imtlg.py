@@ -51,6 +51,8 @@ class IMTLG(GradientAggregator):
         eps: guard on the gradient norms.
     """
 
+    gramian_based = True
+
     def __init__(self, num_tasks: int, eps: float = 1e-12) -> None:
         super().__init__(num_tasks)
         self.eps = eps

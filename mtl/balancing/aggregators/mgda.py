@@ -33,6 +33,8 @@ class MGDA(GradientAggregator):
         eps: guard on the normalisers.
     """
 
+    gramian_based = True
+
     def __init__(self, num_tasks: int, normalization: str = "none", eps: float = 1e-12) -> None:
         super().__init__(num_tasks)
         if normalization not in NORMALIZATIONS:

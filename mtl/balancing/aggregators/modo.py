@@ -43,6 +43,8 @@ class MoDo(GradientAggregator):
         rho: ridge :math:`\rho \ge 0`.
     """
 
+    gramian_based = True
+
     lam: Tensor
 
     def __init__(self, num_tasks: int, gamma: float = 1e-3, rho: float = 0.1) -> None:

@@ -45,6 +45,8 @@ class NashMTL(GradientAggregator):
             point is treated as Pareto-stationary (no update).
     """
 
+    gramian_based = True
+
     prev_alpha: Tensor
 
     def __init__(

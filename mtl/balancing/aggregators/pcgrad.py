@@ -28,6 +28,8 @@ class PCGrad(GradientAggregator):
         eps: guard on ``||g_j||^2`` for all-zero task gradients.
     """
 
+    gramian_based = True
+
     def __init__(self, num_tasks: int, seed: int | None = None, eps: float = 1e-20) -> None:
         super().__init__(num_tasks)
         self.seed = seed

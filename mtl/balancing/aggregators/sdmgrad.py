@@ -50,6 +50,8 @@ class SDMGrad(GradientAggregator):
         momentum: their momentum.
     """
 
+    gramian_based = True
+
     w: Tensor
 
     def __init__(

@@ -39,6 +39,8 @@ class UPGrad(GradientAggregator):
         reg_eps: ridge added to the trace-normalised Gramian (TorchJD default ``1e-4``).
     """
 
+    gramian_based = True
+
     def __init__(self, num_tasks: int, reg_eps: float = 1e-4) -> None:
         super().__init__(num_tasks)
         if reg_eps < 0:
