@@ -31,8 +31,10 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
+# one intra-op thread unless OMP_NUM_THREADS says otherwise: the default job's small CNN runs
+# fastest that way, and on a shared machine two threads made an epoch take twice as long
 train: install
-	$(BIN)/mtl-train $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/mtl-train $(ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(ARGS)

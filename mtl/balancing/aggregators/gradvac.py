@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from mtl.balancing.aggregators.base import GradientAggregator, gramian, host, seeded_generator
+from mtl.balancing.aggregators.pcgrad import visiting_orders
 
 
 class GradVac(GradientAggregator):
@@ -54,26 +54,30 @@ class GradVac(GradientAggregator):
         self.register_buffer("target", torch.zeros(num_tasks, num_tasks))
 
     def aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
-        G = host(gramian(J)).numpy()  # scalar-heavy loop: NumPy on the host copy
+        G = host(gramian(J)).numpy()
         T = G.shape[0]
         target = host(self.target).numpy().copy()
         gen = seeded_generator(self.seed, self.step, "cpu")
+        orders = visiting_orders(T, gen)
         C = np.eye(T)
         norms = np.sqrt(np.maximum(np.diag(G), 0.0))
-        for i in range(T):
-            for j in torch.randperm(T, generator=gen).tolist():
-                if j == i:
-                    continue
-                norm_i = math.sqrt(max(float(C[i] @ G @ C[i]), 0.0))
-                norm_j = float(norms[j])
-                if norm_i < self.eps or norm_j < self.eps:
-                    continue
-                phi = max(-1.0, min(1.0, float(C[i] @ G[:, j]) / (norm_i * norm_j)))
-                phi_hat = float(target[i, j])
-                if phi < phi_hat:
-                    root_hat = math.sqrt(max(1.0 - phi_hat**2, self.eps))
-                    coef = norm_i * (phi_hat * math.sqrt(1.0 - phi**2) - phi * root_hat)
-                    C[i, j] += coef / (norm_j * root_hat)
-                target[i, j] = (1.0 - self.beta) * phi_hat + self.beta * phi
+        rows = np.arange(T)
+        CG = C @ G  # kept equal to C G as C changes: row i of it gives g_i^PC . g_j for every j
+        # the T sequences are independent: advance them together, one visited task per step
+        for k in range(T - 1):
+            j = orders[:, k]
+            norm_i = np.sqrt(np.maximum(np.einsum("it,it->i", CG, C), 0.0))
+            norm_j = norms[j]
+            ok = (norm_i >= self.eps) & (norm_j >= self.eps)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                phi = np.clip(CG[rows, j] / (norm_i * norm_j), -1.0, 1.0)
+            phi_hat = target[rows, j]
+            lift = ok & (phi < phi_hat)
+            root_hat = np.sqrt(np.maximum(1.0 - phi_hat**2, self.eps))
+            coef = norm_i * (phi_hat * np.sqrt(np.maximum(1.0 - phi**2, 0.0)) - phi * root_hat)
+            step = np.where(lift, coef / (norm_j * root_hat), 0.0)
+            C[rows, j] += step
+            CG += step[:, None] * G[j]
+            target[rows[ok], j[ok]] = ((1.0 - self.beta) * phi_hat + self.beta * phi)[ok]
         self.target.copy_(torch.from_numpy(target))
         return self.combine(torch.from_numpy(C.sum(0)), J)

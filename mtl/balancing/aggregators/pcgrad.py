@@ -36,16 +36,26 @@ class PCGrad(GradientAggregator):
         self.eps = eps
 
     def aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
-        G = host(gramian(J)).numpy()  # scalar-heavy loop: NumPy on the host copy
+        G = host(gramian(J)).numpy()
         T = G.shape[0]
         gen = seeded_generator(self.seed, self.step, "cpu")
+        orders = visiting_orders(T, gen)  # [T, T-1]: row i is task i's order of the other tasks
         C = np.eye(T)
         sq_norms = np.maximum(np.diag(G), self.eps)
-        for i in range(T):
-            for j in torch.randperm(T, generator=gen).tolist():
-                if j == i:
-                    continue
-                dot = C[i] @ G[:, j]
-                if dot < 0:
-                    C[i, j] -= dot / sq_norms[j]
+        rows = np.arange(T)
+        CG = C @ G  # kept equal to C G as C changes: CG[i, j] = g_i^PC . g_j
+        # the T sequences are independent: advance them together, one visited task per step
+        for k in range(T - 1):
+            j = orders[:, k]
+            dot = CG[rows, j]
+            step = np.where(dot < 0, -dot / sq_norms[j], 0.0)
+            C[rows, j] += step
+            CG += step[:, None] * G[j]
         return self.combine(torch.from_numpy(C.sum(0)), J)
+
+
+def visiting_orders(T: int, generator: torch.Generator | None) -> np.ndarray:
+    """``[T, T - 1]``: for each task ``i`` (drawn in turn, one permutation each) the other tasks in a
+    random order."""
+    perms = [torch.randperm(T, generator=generator).numpy() for _ in range(T)]
+    return np.stack([p[p != i] for i, p in enumerate(perms)]) if T > 1 else np.zeros((T, 0), dtype=np.int64)
