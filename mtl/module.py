@@ -130,6 +130,8 @@ class MultiTaskModule(pl.LightningModule):
             )
         self.balancer = balancer
         self.engine = engine or JacobianEngine()
+        if isinstance(self.engine, GramianEngine):
+            self.engine.attach(model.sharing)  # its linear layers take the per-layer route
         self.automatic_optimization = not isinstance(balancer, GradientAggregator)
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler

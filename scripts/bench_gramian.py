@@ -61,6 +61,8 @@ def one(contender: str, params: int, steps: int) -> dict:
         engine, weighting = Engine(trunk, batch_dim=None), UPGradWeighting()
     else:
         engine = JacobianEngine() if contender == "mtl_jacobian" else GramianEngine(chunk_size=CHUNK)
+        if contender == "mtl_gramian":
+            engine.attach(trunk)  # the linear layers take the per-layer route
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

@@ -36,8 +36,9 @@ import torch
 from torch import Tensor
 
 from mtl.balancing.aggregators.base import GradientAggregator
-from mtl.balancing.gramian import GramianEngine, gramian_by_chunks, gramian_factor
+from mtl.balancing.gramian import GramianEngine, gramian_by_chunks, gramian_factor, linear_layers_gramian
 from mtl.balancing.jacobian import (
+    _world,
     JacobianEngine,
     all_reduce_gradients,
     gather_representation_jacobian,
@@ -175,7 +176,13 @@ def _gramian_backward(
             f"balancer.engine._target_=mtl.balancing.JacobianEngine."
         )
     scaled = losses if loss_scale is None else losses * loss_scale
-    G = gramian_by_chunks(scaled, shared_params, engine.chunk_size, engine.method)
+    shared_ids = {id(p) for p in shared_params}
+    records = [r for r in engine.take_records() if id(r[0].weight) in shared_ids and r[0].weight.requires_grad]
+    if _world()[1] > 1:
+        records = []  # the per-layer statistics are local: under DDP every parameter goes by chunks
+    G, covered = linear_layers_gramian(scaled, records)
+    done = {id(p) for p in covered}
+    G = G + gramian_by_chunks(scaled, [p for p in shared_params if id(p) not in done], engine.chunk_size, engine.method)
     finite = None
     if loss_scale is not None:
         finite = torch.isfinite(G).all()

@@ -44,19 +44,44 @@ def test_gramian_by_chunks_equals_j_jt(chunk_size):
     torch.testing.assert_close(R.double() @ R.double().T, G, rtol=1e-5, atol=1e-6)
 
 
+def run(engine, name: str, T: int = 4, attach: bool = False):
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.LayerNorm(8), nn.Tanh())
+    if attach:
+        engine.attach(trunk)
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(T))
+    x, y = torch.randn(32, 6), torch.randn(T, 32)
+    h = trunk(x)
+    losses = torch.stack([((head(h).squeeze(1) - y[t]) ** 2).mean() for t, head in enumerate(heads)])
+    shared, own = list(trunk.parameters()), list(heads.parameters())
+    stats = balanced_backward(losses, getattr(balancing, name)(num_tasks=T), shared, own, engine=engine)
+    return torch.cat([p.grad.flatten() for p in shared + own]), stats
+
+
+@pytest.mark.parametrize("attach", [False, True], ids=["by_chunks", "per_layer"])
 @pytest.mark.parametrize("name", GRAMIAN_BASED)
-def test_gramian_engine_gives_the_jacobian_engines_update(name):
-    T = 4
-    grads = {}
-    for engine in (JacobianEngine(), GramianEngine(chunk_size=100)):
-        trunk, shared, heads, losses = net(T)
-        aggregator = getattr(balancing, name)(num_tasks=T)
-        stats = balanced_backward(losses, aggregator, shared, heads, engine=engine)
-        grads[type(engine).__name__] = (torch.cat([p.grad.flatten() for p in shared + heads]), stats)
-    (gj, sj), (gg, sg) = grads["JacobianEngine"], grads["GramianEngine"]
+def test_gramian_engine_gives_the_jacobian_engines_update(name, attach):
+    gj, sj = run(JacobianEngine(), name)
+    gg, sg = run(GramianEngine(chunk_size=100), name, attach=attach)
     torch.testing.assert_close(gg, gj, rtol=2e-3, atol=1e-5)
     torch.testing.assert_close(sg.grad_norms, sj.grad_norms, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(sg.cosines, sj.cosines, rtol=1e-4, atol=1e-5)
+
+
+def test_per_layer_gramian_of_linear_layers_equals_j_jt():
+    from mtl.balancing.gramian import linear_layers_gramian
+
+    engine = GramianEngine()
+    torch.manual_seed(1)
+    trunk = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    engine.attach(trunk)
+    x = torch.randn(4, 2, 5)  # a sequence dimension: every position is an example of the layer
+    out = trunk(x)
+    losses = torch.stack([out[..., i].pow(2).mean() for i in range(3)] + [out.sum()])
+    G, covered = linear_layers_gramian(losses, engine.take_records())
+    assert len(covered) == 4
+    J = task_jacobian(losses, list(trunk.parameters())).double()
+    torch.testing.assert_close(G, J @ J.T, rtol=1e-5, atol=1e-6)
 
 
 def test_gramian_engine_refuses_methods_that_need_the_jacobian():
