@@ -131,6 +131,12 @@ class MultiTaskModule(pl.LightningModule):
         self.balancer = balancer
         self.engine = engine or JacobianEngine()
         if isinstance(self.engine, GramianEngine):
+            if isinstance(balancer, GradientAggregator) and not balancer.gramian_based:
+                raise ValueError(
+                    f"{type(balancer).__name__} does not update along a weighting of the task gradients that "
+                    f"depends on their Gramian only, so it cannot run under balancer.engine=GramianEngine; "
+                    f"use balancer/engine=jacobian."
+                )
             self.engine.attach(model.sharing)  # its linear layers take the per-layer route
         self.automatic_optimization = not isinstance(balancer, GradientAggregator)
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-3)

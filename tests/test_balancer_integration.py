@@ -151,3 +151,15 @@ def test_aggregator_honours_clipping_and_epoch_scheduler(data):
     assert len(seen) == 4 and max(seen) <= 1e-3 * (1 + 1e-4)  # clipped to the configured norm
     lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
     assert lrs == pytest.approx([0.1 * 0.5**2] * len(lrs))  # stepped once per epoch
+
+
+@pytest.mark.parametrize("backbone", ["cnn", "mlp"])
+def test_gramian_engine_from_the_config(make_cfg, backbone, tmp_path):
+    """`balancer/engine=gramian` trains (conv parameters by chunks, the MLP's linear layers per layer)."""
+    from mtl.train import train
+
+    cfg = make_cfg("schedule=multitask", "balancer=upgrad", "balancer/engine=gramian", f"backbone={backbone}")
+    _, results = train(cfg)
+    assert results["stages"]["train"]["tasks"]["left"]["test"]["acc"] >= 0.0
+    with pytest.raises(ValueError, match="DBMTL does not update along a weighting.*balancer/engine=jacobian"):
+        train(make_cfg("schedule=multitask", "balancer=dbmtl", "balancer/engine=gramian", f"paths.output_dir={tmp_path}/other"))
