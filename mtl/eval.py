@@ -1,53 +1,102 @@
 """``mtl-eval ckpt_path=...``: evaluate a checkpoint on the test split and print per-task metrics.
 
-The model's tasks come from the checkpoint. The data, backbone, sharing and model configs come
-from the run that wrote the checkpoint (its ``.hydra/config.yaml``, found above the checkpoint),
-or from this command's config when the checkpoint is not inside a run directory.
+The model's tasks come from the checkpoint. The data, backbone, sharing and model configs come from
+the checkpoint too (``mtl-train`` saves them inside every checkpoint, as data), or from where
+``config_from`` says: ``command`` (this command's config groups) or a config file the user names.
+No file found near the checkpoint is ever read: a config planted beside a downloaded checkpoint
+must not choose what code runs. From a checkpoint's own spec only classes of the ``mtl`` package
+are built (modules for the model, DataModules for the data).
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any, Mapping
 
 import hydra
 import pytorch_lightning as pl
-import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from mtl.module import MultiTaskModule
 from mtl.report import print_results
 from mtl.results import nest, task_directions
 from mtl.tasks import Task
-from mtl.train import CONFIG_DIR, build_model
-from mtl.transfer.loading import load_weights
+from mtl.train import CONFIG_DIR, build_model, instantiate_data
+from mtl.transfer.loading import load_checkpoint, load_weights
+
+SPEC_KEYS = ("data", "backbone", "sharing", "model")
 
 
-def find_run_config(ckpt: Path) -> Path | None:
-    """The ``.hydra/config.yaml`` of the run directory that holds ``ckpt``, if any."""
-    for parent in ckpt.resolve().parents:
-        candidate = parent / ".hydra" / "config.yaml"
-        if candidate.is_file():
-            return candidate
-    return None
+def check_spec_targets(node: Any, where: str, base: type) -> None:
+    """Refuse a checkpoint's config node whose ``_target_`` (at any depth) is not an ``mtl`` class
+    derived from ``base``; nothing outside the package is imported to find out."""
+    if isinstance(node, Mapping):
+        target = node.get("_target_")
+        if target is not None:
+            target = str(target)
+            if not (target == "mtl" or target.startswith("mtl.")):
+                raise ValueError(
+                    f"{where}._target_ is '{target}': a checkpoint's own config may only build classes of "
+                    f"the mtl package. If you trust it, name a config explicitly: config_from=<file> or "
+                    f"config_from=command with data=..., backbone=...."
+                )
+            cls = get_class(target)
+            if not (inspect.isclass(cls) and issubclass(cls, base)):
+                raise ValueError(f"{where}._target_ '{target}' is not a {base.__name__}; refusing to build it.")
+        for key, value in node.items():
+            if key != "_target_":
+                check_spec_targets(value, f"{where}.{key}", (nn.Module, pl.LightningDataModule))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            check_spec_targets(value, f"{where}[{i}]", (nn.Module, pl.LightningDataModule))
+
+
+def model_source(cfg: DictConfig, checkpoint: Mapping[str, Any], ckpt: Path) -> tuple[DictConfig, str]:
+    """The config (``data``, ``backbone``, ``sharing``, ``model``, ``seed``) to rebuild from, and
+    where it came from (for the log)."""
+    choice = str(cfg.get("config_from") or "checkpoint")
+    if choice == "command":
+        return cfg, "this command's config groups"
+    if choice != "checkpoint":
+        path = Path(choice)
+        if not path.is_file():
+            raise FileNotFoundError(f"config_from: '{path}' does not exist (use checkpoint, command or a config file).")
+        loaded = OmegaConf.load(path)
+        missing = [k for k in ("data", "backbone", "model") if k not in loaded]
+        if missing:
+            raise ValueError(f"config_from: '{path}' has no {missing}; name a run's .hydra/config.yaml.")
+        return loaded, f"the config file {path}"
+    spec = checkpoint.get("mtl_run")
+    if not isinstance(spec, Mapping) or not all(spec.get(k) for k in ("data", "backbone", "model")):
+        raise ValueError(
+            f"ckpt_path: '{ckpt}' holds no model config (written by an older mtl-train?). Name one: "
+            f"config_from=<run>/.hydra/config.yaml, or config_from=command with the run's data=..., "
+            f"backbone=..., sharing=... options."
+        )
+    bases = {"data": pl.LightningDataModule, "backbone": nn.Module, "sharing": nn.Module, "model": nn.Module}
+    for key in SPEC_KEYS:
+        if spec.get(key) is not None:
+            check_spec_targets(spec[key], f"{ckpt}:mtl_run.{key}", bases[key])
+    node = OmegaConf.create({k: spec.get(k) for k in SPEC_KEYS})
+    node.seed = int(spec.get("seed", cfg.get("seed", 0)))
+    return node, "the checkpoint"
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Test the checkpoint ``cfg.ckpt_path``; returns ``{"stages": {"eval": {...}}}`` results."""
     ckpt = Path(cfg.ckpt_path)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path: '{ckpt}' does not exist.")
-    meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("mtl")
+    obj = load_checkpoint(ckpt, "ckpt_path: checkpoint")
+    meta = obj.get("mtl") if isinstance(obj, Mapping) else None
     if not meta:
         raise ValueError(f"ckpt_path: '{ckpt}' was not written by mtl-train (no task information).")
-    run_cfg_path = find_run_config(ckpt) if cfg.get("use_run_config", True) else None
-    source = cfg
-    if run_cfg_path is not None:
-        print(f"Using the config of the run that wrote the checkpoint: {run_cfg_path}")
-        source = OmegaConf.load(run_cfg_path)
-    pl.seed_everything(source.seed, workers=True)
+    source, where = model_source(cfg, obj, ckpt)
+    print(f"Model and data config from {where}")
+    pl.seed_everything(source.get("seed", 0), workers=True)
     tasks = {name: Task(**spec) for name, spec in meta["tasks"].items()}
-    datamodule = instantiate(source.data, _convert_="all")
+    datamodule = instantiate_data(source.data)
     missing = [t for t in tasks if t not in datamodule.tasks]
     if missing:
         raise ValueError(f"The checkpoint's task(s) {missing} are not in the data {list(datamodule.tasks)}.")

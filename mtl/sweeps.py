@@ -77,11 +77,20 @@ def is_multirun() -> bool:
 
 
 def record_failure(run_dir: str | Path, error: BaseException, config: Any = None) -> None:
-    """Write ``error.txt`` (the traceback) and a failed ``results.json`` into ``run_dir``."""
+    """Write ``error.txt`` (the traceback) and a failed ``results.json`` into ``run_dir``.
+
+    When the job was refused because ``run_dir`` belongs to another run (locked by it, or holding
+    stages of another config), that run's ``results.json`` is left as it is: it still describes
+    what the directory holds.
+    """
+    from mtl.schedule.guards import RunDirectoryError
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     (run_dir / "error.txt").write_text(trace)
+    if isinstance(error, RunDirectoryError) and (run_dir / "results.json").is_file():
+        return
     write_json(run_dir / "results.json", failed_results(error, trace, config))
 
 

@@ -3,6 +3,8 @@
 import json
 import subprocess
 
+import pytest
+
 from conftest import PYTHON, TINY, cli_env
 
 TINY_CLI = TINY + ["backbone.channels=[8,16]", "logger=none"]
@@ -32,4 +34,22 @@ def test_print_config_and_run_dir_and_eval(tmp_path):
     assert "Final metrics" in out and (tmp_path / "run" / "results.json").is_file()
     ckpt = tmp_path / "run/stages/train/checkpoints/best.ckpt"
     out = run("-m", "mtl.eval", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
-    assert "Using the config of the run" in out and "│ eval" in out and "acc=" in out
+    assert "Model and data config from the checkpoint" in out and "│ eval" in out and "acc=" in out
+
+
+@pytest.mark.slow  # two jobs of two processes each: about 30 s on two cores
+def test_a_multirun_of_ddp_jobs_runs_each_job_once_in_its_own_directory(tmp_path):
+    out = run(
+        "-m", "mtl.train", "-m", "trainer=ddp_cpu", "seed=0,1", "schedule=multitask",
+        *TINY_CLI, cwd=tmp_path,
+    )
+    sweeps = list((tmp_path / "outputs" / "multiruns").iterdir())
+    assert len(sweeps) == 1, out[-2000:]  # the rank-1 processes did not start sweeps of their own
+    assert not (tmp_path / "outputs" / "runs").exists()
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job in jobs:
+        results = json.loads((job / "results.json").read_text())
+        assert results["config"]["trainer"]["devices"] == 2 and results["config"]["seed"] == int(job.name)
+        assert (job / "train_ddp_process_1.log").is_file()  # rank 1 ran in this job's directory
+        assert list(job.rglob("results.json")) == [job / "results.json"]

@@ -116,6 +116,27 @@ def test_csv_errors_name_the_column(tmp_path):
         CSVDataModule(path=str(tmp_path / "missing.csv"), tasks={"y": {"num_classes": 2}})
 
 
+def test_csv_bad_inputs_name_the_file_and_what_to_do(tmp_path):
+    _write_csv(tmp_path / "one.csv", [["f1", "y"], [1.0, 0]])
+    dm = CSVDataModule(path=str(tmp_path / "one.csv"), tasks={"y": {"num_classes": 2}})
+    with pytest.raises(ValueError, match=r"one.csv' has 1 data row\(s\); data.split=\[0.7, 0.15, 0.15\] leaves the \['val', 'test'\] split\(s\) empty. It needs at least 6 rows"):
+        dm.setup()
+    _write_csv(tmp_path / "dup.csv", [["f1", "f2", "f1", "y"], [1, 2, 3, 0]])
+    with pytest.raises(ValueError, match=r"dup.csv' has duplicate column name\(s\) \['f1'\].*Rename them"):
+        CSVDataModule(path=str(tmp_path / "dup.csv"), tasks={"y": {"num_classes": 2}})
+
+
+def test_label_budgets_are_checked():
+    with pytest.raises(ValueError, match=r"data.label_budget.sum=-5: a label budget is the number of labelled training examples"):
+        MultiDigitsDataModule(n_train=64, n_val=16, n_test=16, label_budget={"sum": -5})
+    dm = MultiDigitsDataModule(n_train=64, n_val=16, n_test=16, label_budget={"sum": 65})
+    with pytest.raises(ValueError, match=r"data.label_budget.sum=65 is more than the 64 training examples labelled for 'sum'.*=null"):
+        dm.setup()
+    dm = MultiDigitsDataModule(n_train=64, n_val=16, n_test=16, label_budget={"sum": None})  # null: keep all
+    dm.setup()
+    assert int((dm.splits["train"].labels["sum"] != -100).sum()) == 64
+
+
 def test_combined_datasets_one_batch_each():
     dm = CombinedDataModule(
         {

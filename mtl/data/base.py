@@ -135,11 +135,18 @@ class MultiTaskDataModule(pl.LightningDataModule, abc.ABC):
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.seed = int(seed)
         self.label_budget = dict(label_budget or {})
-        for t in self.label_budget:
+        for t, n in list(self.label_budget.items()):
             if t not in self.tasks:
                 raise ValueError(
                     f"data.label_budget names task '{t}', which is not among data.tasks "
                     f"{list(self.tasks)}."
+                )
+            if n is None:  # data.label_budget.<t>=null keeps every label
+                del self.label_budget[t]
+            elif isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(
+                    f"data.label_budget.{t}={n!r}: a label budget is the number of labelled training "
+                    f"examples to keep, an integer >= 0 (null keeps them all)."
                 )
         self.num_workers = int(num_workers)
         self.source_tasks, self.target_tasks = check_roles(self.tasks, source_tasks, target_tasks)
@@ -175,6 +182,12 @@ class MultiTaskDataModule(pl.LightningDataModule, abc.ABC):
         built = self.build()
         for split in SPLITS:
             x, labels = built[split]
+            if x.shape[0] == 0:
+                sizes = {s: int(built[s][0].shape[0]) for s in SPLITS}
+                raise ValueError(
+                    f"data: the {split} split of '{self.name}' is empty (split sizes {sizes}); every split "
+                    f"needs examples. Provide more data or change the split sizes of the data config."
+                )
             labels = {t: labels[t] for t in self.tasks}
             if split == "train":
                 labels = self._apply_budget(labels)
@@ -188,6 +201,11 @@ class MultiTaskDataModule(pl.LightningDataModule, abc.ABC):
             y = labels[t].clone()
             task = self.tasks[t]
             labelled = torch.nonzero(task.label_mask(y)).flatten()
+            if int(n) > len(labelled):
+                raise ValueError(
+                    f"data.label_budget.{t}={n} is more than the {len(labelled)} training examples labelled "
+                    f"for '{t}' in '{self.name}'; lower it, or set data.label_budget.{t}=null to keep them all."
+                )
             g = torch.Generator().manual_seed(self.seed + 7919)
             keep = labelled[torch.randperm(len(labelled), generator=g)[: int(n)]]
             drop = torch.ones(len(y), dtype=torch.bool)

@@ -47,6 +47,13 @@ class CSVDataModule(MultiTaskDataModule):
             self.header = next(csv.reader(f), None) or []
         if not self.header:
             raise ValueError(f"data.path: '{self.path}' has no header row.")
+        seen: set[str] = set()
+        duplicates = sorted({c for c in self.header if c in seen or seen.add(c)})
+        if duplicates:
+            raise ValueError(
+                f"data.path: '{self.path}' has duplicate column name(s) {duplicates}; a CSV reader keeps only "
+                f"one of each, silently dropping the others. Rename them in the header row."
+            )
         super().__init__(**kwargs)
         self._check_columns()
 
@@ -91,9 +98,20 @@ class CSVDataModule(MultiTaskDataModule):
             bad = self.feature_columns[int(np.argwhere(~np.isfinite(x))[0, 1])]
             raise ValueError(f"data.features: column '{bad}' of {self.path} has missing values.")
         labels = {t: self._target(rows, t) for t in self.tasks}
+        frac = np.asarray(self.split_fractions, dtype=float) / sum(self.split_fractions)
+
+        def sizes(n: int) -> np.ndarray:
+            return np.diff(np.concatenate([[0], np.round(np.cumsum(frac) * n).astype(int)]))
+
+        if (sizes(len(rows)) == 0).any():
+            empty = [s for s, n in zip(("train", "val", "test"), sizes(len(rows))) if n == 0]
+            need = next(n for n in range(len(rows) + 1, 100_000) if (sizes(n) > 0).all())
+            raise ValueError(
+                f"data.path: '{self.path}' has {len(rows)} data row(s); data.split={list(self.split_fractions)} "
+                f"leaves the {empty} split(s) empty. It needs at least {need} rows for this split."
+            )
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(len(rows))
-        frac = np.asarray(self.split_fractions) / sum(self.split_fractions)
         bounds = np.round(np.cumsum(frac) * len(rows)).astype(int)
         parts = np.split(order, bounds[:-1])
         train = parts[0]

@@ -46,6 +46,31 @@ class LoadReport:
         )
 
 
+def load_checkpoint(path: str | Path, what: str = "Checkpoint") -> Any:
+    """``torch.load(path)`` (tensors and plain data only), with errors that name the file.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the file is empty, truncated or not a PyTorch file (the message says what to do).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what} '{path}' does not exist. Set the stage's init to 'fresh', 'previous' or an "
+            f"existing .ckpt / state_dict file."
+        )
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} '{path}' is empty (0 bytes): an interrupted save or copy. Delete it or copy it again.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged file
+        raise ValueError(
+            f"{what} '{path}' cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}): it "
+            f"is truncated, damaged or not a PyTorch checkpoint. Delete it (a stage's last.ckpt: the "
+            f"stage then restarts) or copy it again."
+        ) from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The model weights in a Lightning checkpoint or a plain ``state_dict`` file.
 
@@ -54,12 +79,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     weights) and the prefix is stripped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Checkpoint '{path}' does not exist. Set the stage's init to 'fresh', 'previous' or an "
-            f"existing .ckpt / state_dict file."
-        )
-    obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    obj: Any = load_checkpoint(path)
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if isinstance(state, Mapping) and any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
@@ -68,12 +88,26 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def map_keys(state: Mapping[str, Tensor], key_map: Mapping[str, str] | None) -> dict[str, Tensor]:
+def map_keys(
+    state: Mapping[str, Tensor], key_map: Mapping[str, str] | None, where: str = "init_key_map", source: str = ""
+) -> dict[str, Tensor]:
     """Rename key prefixes: ``{"encoder.": "sharing.backbone."}`` maps ``encoder.x`` to
     ``sharing.backbone.x``; an empty target strips the prefix (``{"module.": ""}``). The first
-    matching prefix wins; keys matching none are kept as they are."""
+    matching prefix wins; keys matching none are kept as they are.
+
+    Raises:
+        ValueError: a prefix of ``key_map`` matches no key (a typo would otherwise be ignored);
+            the message names ``where`` and lists the file's key prefixes.
+    """
     if not key_map:
         return dict(state)
+    unused = [old for old in key_map if not any(k.startswith(old) for k in state)]
+    if unused:
+        prefixes = sorted({k.split(".")[0] + "." for k in state})
+        raise ValueError(
+            f"{where}: prefix(es) {unused} match no key of {source or 'the file'}; its keys start with "
+            f"{prefixes[:12]}. Fix or remove those entries."
+        )
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         for old, new in key_map.items():
@@ -84,7 +118,9 @@ def map_keys(state: Mapping[str, Tensor], key_map: Mapping[str, str] | None) -> 
     return out
 
 
-def load_weights(model: nn.Module, path: str | Path, key_map: Mapping[str, str] | None = None) -> LoadReport:
+def load_weights(
+    model: nn.Module, path: str | Path, key_map: Mapping[str, str] | None = None, where: str = "init_key_map"
+) -> LoadReport:
     """Copy the weights of ``path`` into ``model``: all shared weights, and heads where they fit.
 
     Every shared parameter and buffer of the model must be in the file with the same shape;
@@ -92,9 +128,10 @@ def load_weights(model: nn.Module, path: str | Path, key_map: Mapping[str, str] 
     not fit). Task-specific weights (heads, and the parts of a sharing structure named after a task,
     such as ``sharing.gates.<task>``) are copied for tasks present in both and stay as initialised
     for new tasks. ``key_map`` renames key prefixes of the file first (see :func:`map_keys`), for
-    weights saved by other code (``{"module.": ""}``, ``{"encoder.": "sharing.backbone."}``).
+    weights saved by other code (``{"module.": ""}``, ``{"encoder.": "sharing.backbone."}``);
+    ``where`` names that option in errors.
     """
-    state = map_keys(read_state_dict(path), key_map)
+    state = map_keys(read_state_dict(path), key_map, where, f"'{path}'")
     own = model.state_dict()
     tasks = set(getattr(model, "tasks", {}) or {})
 
