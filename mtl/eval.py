@@ -95,8 +95,10 @@ def evaluate(cfg: DictConfig) -> dict:
     source, where = model_source(cfg, obj, ckpt)
     print(f"Model and data config from {where}")
     pl.seed_everything(source.get("seed", 0), workers=True)
-    tasks = {name: Task(**spec) for name, spec in meta["tasks"].items()}
     datamodule = instantiate_data(source.data)
+    # the data's own Task objects where it declares them (a custom head or loss given as an object
+    # is saved as a placeholder), else the checkpoint's plain-data spec
+    tasks = {name: datamodule.tasks[name] if name in datamodule.tasks else Task(**spec) for name, spec in meta["tasks"].items()}
     missing = [t for t in tasks if t not in datamodule.tasks]
     if missing:
         raise ValueError(f"The checkpoint's task(s) {missing} are not in the data {list(datamodule.tasks)}.")

@@ -11,6 +11,11 @@ under the directory, into ``<run>/plots/``:
 and, for a directory holding several runs, ``<dir>/plots/pareto_<a>_<b>.png``: every run's final
 metric of two tasks, with the Pareto front (the runs no other run beats on both) highlighted.
 Everything is read from ``<run>/stages/<stage>/metrics.csv`` and ``<run>/results.json``.
+
+``--predictions N`` also writes, for every stage with dense tasks (segmentation, depth, normal),
+``<run>/plots/<stage>_predictions.png``: ``N`` images of ``--predictions-split`` (``test``) with the
+true and the predicted segmentation, depth and normals of the stage's best checkpoint. It rebuilds
+the data and the model from the config stored in ``results.json``.
 """
 
 from __future__ import annotations
@@ -254,6 +259,177 @@ def _pick_metric(metrics: dict[str, float], wanted: str | None) -> str | None:
     return rest[0] if rest else None
 
 
+# ---------------------------------------------------------------------------------------- dense predictions
+#: Colours of segmentation classes (tab10, then repeated); unlabelled pixels are black.
+_UNLABELLED = (0.0, 0.0, 0.0)
+
+
+def _class_colours(labels, num_classes: int, ignore_index: int):
+    import numpy as np
+
+    plt = _plt()
+    palette = np.array([plt.get_cmap("tab20")(i % 20)[:3] for i in range(num_classes)])
+    rgb = palette[np.clip(labels, 0, num_classes - 1)]
+    rgb[labels == ignore_index] = _UNLABELLED
+    return rgb
+
+
+def _normal_colours(normals, mask=None):
+    """``[3, H, W]`` unit vectors -> ``[H, W, 3]`` RGB ``(n + 1) / 2`` (black where unlabelled)."""
+    import numpy as np
+
+    n = np.asarray(normals, dtype=np.float64)
+    norm = np.linalg.norm(n, axis=0, keepdims=True)
+    rgb = np.moveaxis((n / np.maximum(norm, 1e-12) + 1.0) / 2.0, 0, -1)
+    if mask is not None:
+        rgb[~mask] = _UNLABELLED
+    return np.clip(rgb, 0.0, 1.0)
+
+
+def _image_colours(image):
+    import numpy as np
+
+    x = np.moveaxis(np.asarray(image, dtype=np.float64), 0, -1)
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def plot_dense_predictions(
+    images: Any,
+    targets: dict[str, Any],
+    outputs: dict[str, Any],
+    tasks: dict[str, Any],
+    out: Path,
+    title: str = "",
+) -> Path | None:
+    """A grid: one row per image, its RGB input, then true and predicted maps of each dense task.
+
+    Args:
+        images: ``[N, C, H, W]`` inputs (shown min-max scaled).
+        targets: ``{task: [N, H, W] classes | [N, 1, H, W] depth | [N, 3, H, W] normals}``.
+        outputs: the model's outputs ``{task: [N, C, H, W]}`` (segmentation logits, depth, normals).
+        tasks: ``{name: Task}``; tasks that are not segmentation, depth or normal are left out.
+        out: the PNG to write.
+    Returns:
+        ``out``, or None when no task is dense.
+
+    Unlabelled pixels are black in the true maps; depth rows share one colour scale (the true
+    depth's range) between truth and prediction.
+    """
+    import numpy as np
+
+    names = [t for t in outputs if tasks[t].kind in ("segmentation", "depth", "normal") and t in targets]
+    if not names:
+        return None
+    images = images.detach().cpu().float().numpy()
+    n = images.shape[0]
+    plt = _plt()
+    cols = 1 + 2 * len(names)
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n + 0.4), squeeze=False)
+    for i in range(n):
+        axes[i][0].imshow(_image_colours(images[i]))
+        col = 1
+        for t in names:
+            task = tasks[t]
+            y = targets[t][i].detach().cpu()
+            o = outputs[t][i].detach().cpu().float()
+            if task.kind == "segmentation":
+                true = _class_colours(y.numpy(), task.num_classes, task.ignore_index)
+                pred = _class_colours(o.argmax(0).numpy(), task.num_classes, task.ignore_index)
+                axes[i][col].imshow(true)
+                axes[i][col + 1].imshow(pred)
+            elif task.kind == "depth":
+                d = (y[0] if y.dim() == 3 else y).float().numpy()
+                mask = np.isfinite(d) & (d != 0)
+                lo, hi = (float(d[mask].min()), float(d[mask].max())) if mask.any() else (0.0, 1.0)
+                axes[i][col].imshow(np.ma.masked_where(~mask, d), cmap="viridis", vmin=lo, vmax=hi)
+                axes[i][col + 1].imshow(o[0].numpy(), cmap="viridis", vmin=lo, vmax=hi)
+            else:
+                yn = y.float().numpy()
+                mask = np.isfinite(yn).all(0) & (yn != 0).any(0)
+                axes[i][col].imshow(_normal_colours(np.nan_to_num(yn), mask))
+                axes[i][col + 1].imshow(_normal_colours(o.numpy()))
+            if i == 0:
+                axes[0][col].set_title(f"{t}: true", fontsize=8)
+                axes[0][col + 1].set_title(f"{t}: predicted", fontsize=8)
+            col += 2
+    axes[0][0].set_title("input", fontsize=8)
+    for row in axes:
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_run_predictions(run_dir: str | Path, num_images: int = 4, split: str = "test") -> list[Path]:
+    """``<run>/plots/<stage>_predictions.png`` for every stage of the run with dense tasks.
+
+    The data and the model are rebuilt from the config in ``<run>/results.json`` and the stage's
+    best checkpoint; ``num_images`` examples of ``split`` are predicted.
+    """
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from mtl.results import read_json
+    from mtl.train import build_model
+    from mtl.transfer.loading import load_weights
+
+    run_dir = Path(run_dir)
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return []
+    results = read_json(path)
+    config = results.get("config")
+    if not config or not results.get("stages"):
+        return []
+    cfg = OmegaConf.create(config)
+    datamodule = None
+    written: list[Path] = []
+    for stage, r in results["stages"].items():
+        ckpt = r.get("best_checkpoint")
+        if not ckpt:
+            continue
+        ckpt = Path(ckpt) if Path(ckpt).is_absolute() else run_dir / ckpt  # results keep it relative to the run
+        if not ckpt.is_file():
+            continue
+        if datamodule is None:
+            datamodule = instantiate(cfg.data, _convert_="all")
+            datamodule.setup()
+        used = [t for t in r.get("tasks", {}) if t in datamodule.tasks]
+        dense = [t for t in used if datamodule.tasks[t].kind in ("segmentation", "depth", "normal")]
+        if not dense:
+            continue
+        model = build_model(cfg, datamodule)({t: datamodule.tasks[t] for t in used})
+        load_weights(model, ckpt)
+        model.eval()
+        datamodule.select_tasks(dense)
+        loader = getattr(datamodule, f"{split}_dataloader")()
+        xs, ys = [], {t: [] for t in dense}
+        for x, y in loader:
+            xs.append(x)
+            for t in dense:
+                ys[t].append(y[t])
+            if sum(len(b) for b in xs) >= num_images:
+                break
+        x = torch.cat(xs)[:num_images]
+        targets = {t: torch.cat(v)[:num_images] for t, v in ys.items()}
+        with torch.no_grad():
+            outputs = model(x, dense)
+        out = plot_dense_predictions(
+            x, targets, outputs, datamodule.tasks, run_dir / "plots" / f"{stage}_predictions.png",
+            title=f"{run_dir.name} / {stage}: {split} images, best checkpoint",
+        )
+        if out is not None:
+            written.append(out)
+    return written
+
+
 def _save(fig: Any, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -261,8 +437,16 @@ def _save(fig: Any, out: Path) -> Path:
     return out
 
 
-def plot_dir(path: str | Path, tasks: Sequence[str] | None = None, metric: str | None = None, split: str = "val") -> list[Path]:
-    """Per-run plots of every run under ``path`` and, for several runs, the Pareto front."""
+def plot_dir(
+    path: str | Path,
+    tasks: Sequence[str] | None = None,
+    metric: str | None = None,
+    split: str = "val",
+    predictions: int = 0,
+    predictions_split: str = "test",
+) -> list[Path]:
+    """Per-run plots of every run under ``path`` and, for several runs, the Pareto front; with
+    ``predictions > 0`` also that many dense predictions per stage (:func:`plot_run_predictions`)."""
     path = Path(path)
     written: list[Path] = []
     runs = find_runs([path])
@@ -271,6 +455,8 @@ def plot_dir(path: str | Path, tasks: Sequence[str] | None = None, metric: str |
         dirs.insert(0, path)  # a run directory without results.json or .hydra/ (library use)
     for run_dir in dirs:
         written += plot_run(run_dir)
+        if predictions > 0:
+            written += plot_run_predictions(run_dir, predictions, predictions_split)
     if sum(r.ok for r in runs) > 1:
         pareto = plot_pareto(path, tasks, metric, split)
         if pareto is not None:
@@ -284,10 +470,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs=2, default=None, help="the two tasks of the Pareto plot (default: the first two)")
     parser.add_argument("--metric", default=None, help="metric of the Pareto plot (default: the task's primary)")
     parser.add_argument("--split", default="val", choices=("val", "test"))
+    parser.add_argument("--predictions", type=int, default=0, metavar="N",
+                        help="also plot N images with true and predicted dense maps per stage")
+    parser.add_argument("--predictions-split", default="test", choices=("val", "test"))
     args = parser.parse_args(argv)
     if not args.path.exists():
         parser.error(f"{args.path} does not exist")
-    written = plot_dir(args.path, args.tasks, args.metric, args.split)
+    written = plot_dir(args.path, args.tasks, args.metric, args.split, args.predictions, args.predictions_split)
     if not written:
         parser.error(f"nothing to plot under {args.path} (no stages/*/metrics.csv: was logger=csv used?)")
     for p in written:

@@ -169,7 +169,8 @@ def build_model(cfg: DictConfig, datamodule: Any) -> Callable[[dict[str, Task]],
     def make(tasks: dict[str, Task]) -> MultiTaskModel:
         backbone = instantiate(cfg.backbone, input_shape=shape, _convert_="all")
         sharing = instantiate(cfg.sharing, _convert_="all") if cfg.get("sharing") else None
-        return instantiate(cfg.model, backbone=backbone, tasks=tasks, sharing=sharing, _convert_="all")
+        # a partial, so that the Task objects are handed over as they are (not converted to dicts)
+        return instantiate(cfg.model, _partial_=True, _convert_="all")(backbone=backbone, tasks=tasks, sharing=sharing)
 
     return make
 

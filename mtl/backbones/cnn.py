@@ -16,10 +16,15 @@ class CNN(Backbone):
     Each block is one stage. Inputs may be ``[B, H, W]`` (one channel) or ``[B, C, H, W]``; pooling
     is skipped once a feature map is smaller than 2x2, so small images (8x8 digits) work.
 
+    For dense tasks, ``max_pools`` stops the max-pooling after that many pools, so the last blocks
+    keep the resolution (``channels=[32, 64, 64], max_pools=2`` gives a ``1/4``-resolution map,
+    16x16 for the 64x64 scenes): a small, fast encoder whose last feature map dense heads read.
+
     Args:
         input_shape: shape of one image, ``(C, H, W)`` or ``(H, W)`` (None: one channel).
         channels: output channels of each block; ``out_features`` is the last one.
         pool_every: max-pool after every ``pool_every`` blocks (0: never).
+        max_pools: at most this many max-pools (the first ones); None: no limit.
         pool_size: output grid of the final adaptive average pooling, ``(rows, cols)`` or an int;
             1 is global average pooling. A grid keeps coarse position (e.g. ``[1, 2]``: left and
             right halves), which tasks about where things are need.
@@ -33,15 +38,22 @@ class CNN(Backbone):
         pool_every: int = 1,
         pool_size: int | Sequence[int] = 1,
         dropout: float = 0.0,
+        max_pools: int | None = None,
     ) -> None:
         super().__init__()
         if not channels:
             raise ValueError("backbone.channels must list at least one block width.")
         self.in_channels = image_channels(input_shape, 1, "cnn")
+        if max_pools is not None and int(max_pools) < 0:
+            raise ValueError(f"backbone.max_pools must be >= 0 or null, got {max_pools}.")
         blocks = []
         width = self.in_channels
+        pools = 0
         for i, c in enumerate(channels):
             pool = pool_every > 0 and (i + 1) % pool_every == 0
+            if pool and max_pools is not None and pools >= int(max_pools):
+                pool = False
+            pools += int(pool)
             blocks.append(_ConvBlock(width, int(c), pool))
             width = int(c)
         self.stages = nn.ModuleList(blocks)

@@ -28,8 +28,8 @@ SPLITS = ("train", "val", "test")
 
 
 def missing_value(task: Task) -> float:
-    """The value that marks a missing label for ``task``."""
-    return float(task.ignore_index) if task.kind == "multiclass" else float("nan")
+    """The value that marks a missing label for ``task`` (see :attr:`Task.missing_value`)."""
+    return float(task.missing_value)
 
 
 class ArrayDataset(Dataset):

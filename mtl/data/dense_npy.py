@@ -25,7 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+
+from mtl.data.base import EpochShuffleSampler, MultiTaskDataModule
+from mtl.tasks import Task
 
 #: Folder holding each task's labels.
 TASK_FOLDERS: dict[str, str] = {"segmentation": "label", "depth": "depth", "normal": "normal"}
@@ -260,7 +263,132 @@ class DenseNpyDataset(Dataset):
         return image, labels
 
 
+class _TaskView(Dataset):
+    """A :class:`DenseNpyDataset` with only some of its tasks' labels in each example."""
+
+    def __init__(self, dataset: DenseNpyDataset, tasks: Sequence[str]) -> None:
+        self.dataset, self.tasks = dataset, list(tasks)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        image, labels = self.dataset[i]
+        return image, {t: labels[t] for t in self.tasks}
+
+
+class DenseNpyDataModule(MultiTaskDataModule):
+    """NYUv2 or Cityscapes in the preprocessed per-file ``.npy`` layout (module docstring).
+
+    ``data=nyuv2 data.root=<dir>`` and ``data=cityscapes data.root=<dir>``. Batches are
+    ``(image [B, 3, H, W], {task: label})`` with the labels of :class:`DenseNpyDataset`. Examples
+    are read from disk as they are needed (nothing is held in memory).
+
+    Splits: ``train`` is ``<root>/train`` (augmented when ``augment``: random scale-crop and
+    horizontal flip, as LibMTL's NYUv2 example with ``--aug``); ``val`` and ``test`` are both
+    ``<root>/val``: these sets have no separate test split, and MTAN and LibMTL report on ``val``.
+
+    Args:
+        root: the folder holding ``train/`` and ``val/``.
+        layout: ``nyuv2`` or ``cityscapes`` (:data:`KNOWN_LAYOUTS`): the default tasks and their
+            number of classes, and a check that the images have the layout's size; None: no
+            check, and ``tasks`` must be given.
+        augment: augment the training split.
+        scales: zoom factors of the random scale-crop.
+        pin_memory, drop_last: passed to the training DataLoader (LibMTL drops the last
+            incomplete batch).
+        **kwargs: :class:`~mtl.data.base.MultiTaskDataModule`'s (``tasks``, ``batch_size``,
+            ``eval_batch_size``, ``seed``, ``num_workers``...). ``label_budget`` is not supported.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        layout: str | None = None,
+        augment: bool = False,
+        scales: Sequence[float] = (1.0, 1.2, 1.5),
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        **kwargs,
+    ) -> None:
+        if layout is not None and layout not in KNOWN_LAYOUTS:
+            raise ValueError(f"data.layout must be one of {sorted(KNOWN_LAYOUTS)} or null, got '{layout}'.")
+        self.root = Path(os.path.expanduser(str(root)))
+        self.layout = layout
+        self.augment = bool(augment)
+        self.scales = tuple(float(s) for s in scales)
+        self.pin_memory = bool(pin_memory)
+        self.drop_last = bool(drop_last)
+        self.datasets: dict[str, DenseNpyDataset] = {}
+        super().__init__(**kwargs)
+        if self.label_budget:
+            raise ValueError("data.label_budget is not supported by the .npy datasets (NYUv2, Cityscapes).")
+
+    def available_tasks(self) -> Sequence[str]:
+        return KNOWN_LAYOUTS[self.layout]["tasks"] if self.layout else tuple(TASK_FOLDERS)
+
+    def default_tasks(self) -> dict[str, Task]:
+        if self.layout is None:
+            raise ValueError("data.tasks must be set when data.layout is null.")
+        spec = KNOWN_LAYOUTS[self.layout]
+        tasks = {"segmentation": Task("segmentation", kind="segmentation", num_classes=spec["num_classes"])}
+        tasks["depth"] = Task("depth", kind="depth")
+        if "normal" in spec["tasks"]:
+            tasks["normal"] = Task("normal", kind="normal")
+        return tasks
+
+    def build(self):  # pragma: no cover - the examples stay on disk; see setup
+        raise NotImplementedError("DenseNpyDataModule reads its examples from disk in setup().")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        unknown = [t for t, task in self.tasks.items() if task.kind not in TASK_FOLDERS or t != task.kind]
+        if unknown:
+            raise ValueError(
+                f"data.tasks: the .npy layout labels the tasks {list(TASK_FOLDERS)} (each named after its "
+                f"kind); got {[(t, self.tasks[t].kind) for t in unknown]}."
+            )
+        names = list(self.tasks)
+        train = DenseNpyDataset(self.root, "train", names, augment=self.augment, scales=self.scales)
+        val = DenseNpyDataset(self.root, "val", names)
+        if self.layout is not None:
+            expected = tuple(KNOWN_LAYOUTS[self.layout]["image_size"])
+            for ds in (train, val):
+                if ds.image_size != expected:
+                    raise ValueError(
+                        f"data.layout={self.layout}: images in {ds.path} are {ds.image_size[0]}x"
+                        f"{ds.image_size[1]}, expected {expected[0]}x{expected[1]}; set data.layout=null "
+                        f"for another size."
+                    )
+        self.datasets = {"train": train, "val": val, "test": val}
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        self.setup()
+        return (3, *self.datasets["train"].image_size)
+
+    def dataset(self, split: str, tasks: Sequence[str] | None = None) -> Dataset:
+        """The split with the labels of ``tasks`` (default: the active tasks)."""
+        self.setup()
+        return _TaskView(self.datasets[split], self.active_tasks if tasks is None else list(tasks))
+
+    def _loader(self, split: str, shuffle: bool, tasks: Sequence[str] | None = None) -> DataLoader:
+        ds = self.dataset(split, tasks)
+        train = split == "train"
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=EpochShuffleSampler(len(ds), self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=self.drop_last and train,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
 __all__ = [
+    "DenseNpyDataModule",
     "DenseNpyDataset",
     "KNOWN_LAYOUTS",
     "TASK_FOLDERS",

@@ -146,9 +146,12 @@ class SegmentationMetrics(Metric):
 
         Args:
             preds: logits or scores ``[B, C, H, W]`` (the arg-max over ``C`` is taken) or predicted
-                labels ``[B, H, W]``.
+                labels ``[B, H, W]``; or flattened pixels, logits ``[N, C]`` with ``target [N]``
+                (what a task's own metrics get, see :meth:`mtl.tasks.Task.labelled`).
             target: ``[B, H, W]`` integer labels in ``[0, C)`` or ``ignore_index``.
         """
+        if preds.dim() == 2 and target.dim() == 1:
+            preds, target = preds.t().reshape(1, preds.shape[1], -1, 1), target.reshape(1, -1, 1)
         if preds.dim() == 4:
             if preds.shape[1] != self.num_classes:
                 raise ValueError(
@@ -233,9 +236,11 @@ class DepthErrors(Metric):
         """Add a batch.
 
         Args:
-            preds: predicted depth ``[B, 1, H, W]`` or ``[B, H, W]``.
-            target: ``[B, 1, H, W]`` or ``[B, H, W]``; 0 or NaN where unlabelled.
+            preds: predicted depth ``[B, 1, H, W]`` or ``[B, H, W]`` (or flattened pixels ``[N]``).
+            target: ``[B, 1, H, W]`` or ``[B, H, W]`` (or ``[N]``); 0 or NaN where unlabelled.
         """
+        if preds.dim() == 1 and target.dim() == 1:
+            preds, target = preds.reshape(1, -1, 1), target.reshape(1, -1, 1)
         p, t = as_depth_map(preds, "DepthErrors predictions"), as_depth_map(target, "DepthErrors target")
         if p.shape != t.shape:
             raise ValueError(
@@ -312,9 +317,12 @@ class NormalErrors(Metric):
         """Add a batch.
 
         Args:
-            preds: predicted normals ``[B, 3, H, W]`` (any length; normalised here).
-            target: ``[B, 3, H, W]``; the zero vector where unlabelled.
+            preds: predicted normals ``[B, 3, H, W]`` (any length; normalised here), or flattened
+                pixels ``[N, 3]``.
+            target: ``[B, 3, H, W]`` (or ``[N, 3]``); the zero vector where unlabelled.
         """
+        if preds.dim() == 2 and target.dim() == 2:
+            preds, target = preds.t().reshape(1, 3, -1, 1), target.t().reshape(1, 3, -1, 1)
         check_normal_shapes(preds, target)
         mask = normal_label_mask(target)
         angle = angular_error(preds, target)[mask]

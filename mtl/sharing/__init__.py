@@ -5,6 +5,11 @@ task mixed by learned units), ``mtan`` (task attention over the stages), ``mmoe`
 one-gate OMoE), ``ple`` (CGC and PLE), ``dselect_k``; ``experts.py`` holds what the mixtures of
 experts share and ``base.py`` the interface (:class:`Sharing`: features per task, the shared
 representation, ``shared_parameters`` and ``regularization``).
+
+Dense tasks (heads that read a feature map, ``map_tasks``): ``hard``, ``cross_stitch`` and ``mtan``
+serve them with the last stage's feature map (hard sharing's representation is then that map);
+the mixtures of experts (``mmoe``, ``omoe``, ``cgc``, ``ple``, ``dselect_k``) mix pooled vectors,
+their papers define no experts over feature maps, and they refuse dense tasks with a clear error.
 """
 
 from mtl.sharing.base import SharedFeatures, Sharing

@@ -42,12 +42,16 @@ class CrossStitch(Sharing):
     **Shared parameters:** all columns and all units. At any mixing other than the identity, every
     task's output depends on every column, so every parameter of the module is shared.
 
+    **Dense tasks** (``map_tasks``) read their column's mixed last-stage feature map itself,
+    ``[B, C_S, H_S, W_S]``, instead of its pooled vector.
+
     Args:
         backbone: any :class:`~mtl.backbones.base.Backbone`.
         tasks: task names, one column each.
         alpha_same: initial weight of a task's own column.
         alpha_other: initial weight of each other column (default ``(1 - alpha_same) / (T - 1)``).
         per_channel: one mixing matrix per channel instead of one per stage.
+        map_tasks: the tasks whose head reads a feature map.
     """
 
     def __init__(
@@ -57,8 +61,9 @@ class CrossStitch(Sharing):
         alpha_same: float = 0.9,
         alpha_other: float | None = None,
         per_channel: bool = False,
+        map_tasks: Sequence[str] = (),
     ) -> None:
-        super().__init__(backbone, tasks)
+        super().__init__(backbone, tasks, map_tasks)
         if not self.task_names:
             raise ValueError("CrossStitch needs at least one task.")
         self.alpha_same = float(alpha_same)
@@ -134,7 +139,11 @@ class CrossStitch(Sharing):
         for s, alpha in enumerate(self.units):
             stacked = torch.stack([col.stages[s](h) for col, h in zip(columns, hs)])
             hs = list(self._mix(alpha, stacked).unbind(0))
-        features = {t: columns[i].pool(hs[i]) for i, t in enumerate(self.task_names) if t in names}
+        features = {
+            t: self.check_feature_map(hs[i]) if t in self.map_tasks else columns[i].pool(hs[i])
+            for i, t in enumerate(self.task_names)
+            if t in names
+        }
         missing = [t for t in names if t not in features]
         if missing:
             raise KeyError(f"CrossStitch has no column for task(s) {missing}; it has {self.task_names}.")

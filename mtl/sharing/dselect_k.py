@@ -110,6 +110,7 @@ class DSelectK(Sharing):
         gamma: width of the smooth step's cubic region.
         entropy_reg: weight of the entropy regularization (0: off).
         per_example: gates conditioned on the input (True) or static per task (False).
+        map_tasks: tasks whose head reads a feature map: refused (ValueError), see mtl.sharing.base.
     """
 
     def __init__(
@@ -123,8 +124,10 @@ class DSelectK(Sharing):
         gamma: float = 1.0,
         entropy_reg: float = 0.0,
         per_example: bool = True,
+        map_tasks: Sequence[str] = (),
     ) -> None:
-        super().__init__(backbone, tasks)
+        super().__init__(backbone, tasks, map_tasks)
+        self.refuse_map_tasks("its experts and gates mix the backbone's pooled vector, and the DSelect-k paper defines no experts over feature maps.")
         self.num_experts, self.k = int(num_experts), int(k)
         self.expert_hidden = [int(h) for h in expert_hidden]
         self.out_features = int(expert_out)

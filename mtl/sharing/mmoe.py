@@ -35,6 +35,7 @@ class MMoE(Sharing):
         expert_hidden: hidden widths of each expert MLP.
         expert_out: width of each expert's output = ``out_features``.
         single_gate: one gate for all tasks (OMoE) instead of one per task.
+        map_tasks: tasks whose head reads a feature map: refused (ValueError), see mtl.sharing.base.
     """
 
     def __init__(
@@ -45,8 +46,10 @@ class MMoE(Sharing):
         expert_hidden: Sequence[int] = (64,),
         expert_out: int = 32,
         single_gate: bool = False,
+        map_tasks: Sequence[str] = (),
     ) -> None:
-        super().__init__(backbone, tasks)
+        super().__init__(backbone, tasks, map_tasks)
+        self.refuse_map_tasks("its experts and gates mix the backbone's pooled vector, and the MMoE paper defines no experts over feature maps.")
         if num_experts < 1:
             raise ValueError(f"sharing.num_experts must be at least 1, got {num_experts}.")
         self.num_experts = int(num_experts)
@@ -101,5 +104,6 @@ class OMoE(MMoE):
         num_experts: int = 4,
         expert_hidden: Sequence[int] = (64,),
         expert_out: int = 32,
+        map_tasks: Sequence[str] = (),
     ) -> None:
-        super().__init__(backbone, tasks, num_experts, expert_hidden, expert_out, single_gate=True)
+        super().__init__(backbone, tasks, num_experts, expert_hidden, expert_out, single_gate=True, map_tasks=map_tasks)

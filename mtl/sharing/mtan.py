@@ -49,18 +49,30 @@ class MTAN(Sharing):
     **Shared parameters:** the backbone and the blocks :math:`f_s`. The attention modules are
     task-specific.
 
+    **Dense tasks** (``map_tasks``) read :math:`\hat a^t_S` itself, the attended last-stage
+    feature map ``[B, C_S, H_S, W_S]``, as in the paper's segmentation, depth and normal heads.
+
     Args:
         backbone: any :class:`~mtl.backbones.base.Backbone`.
         tasks: task names.
         feature_maps: whether stage outputs are feature maps ``[B, C, H, W]`` (True) or vectors
             ``[B, C]`` (False). Default: True if the backbone's stages contain a ``Conv2d``.
+        map_tasks: the tasks whose head reads a feature map (needs ``feature_maps``).
     """
 
-    def __init__(self, backbone: Backbone, tasks: Sequence[str], feature_maps: bool | None = None) -> None:
-        super().__init__(backbone, tasks)
+    def __init__(
+        self,
+        backbone: Backbone,
+        tasks: Sequence[str],
+        feature_maps: bool | None = None,
+        map_tasks: Sequence[str] = (),
+    ) -> None:
+        super().__init__(backbone, tasks, map_tasks)
         if feature_maps is None:
             feature_maps = any(isinstance(m, nn.Conv2d) for m in backbone.stages.modules())
         self.feature_maps = bool(feature_maps)
+        if not self.feature_maps:
+            self.refuse_map_tasks("it was built for vector stage outputs (sharing.feature_maps=false).")
         channels = list(backbone.stage_channels)
         if len(channels) != len(backbone.stages):
             raise ValueError(
@@ -103,7 +115,7 @@ class MTAN(Sharing):
             for s, p in enumerate(shared):
                 g_in = p if attended is None else torch.cat([p, self._to_stage(s - 1, attended, p)], dim=1)
                 attended = self.attention[t][s](g_in) * p
-            features[t] = self.backbone.pool(attended)
+            features[t] = attended if t in self.map_tasks else self.backbone.pool(attended)
         return SharedFeatures(features, None)
 
     def _to_stage(self, s: int, attended: Tensor, target: Tensor) -> Tensor:

@@ -103,6 +103,7 @@ class PLE(Sharing):
         num_task_experts: experts per task and level.
         expert_hidden: hidden widths of each expert MLP.
         expert_out: width of each expert's output = ``out_features``.
+        map_tasks: tasks whose head reads a feature map: refused (ValueError), see mtl.sharing.base.
     """
 
     def __init__(
@@ -114,8 +115,10 @@ class PLE(Sharing):
         num_task_experts: int = 1,
         expert_hidden: Sequence[int] = (64,),
         expert_out: int = 32,
+        map_tasks: Sequence[str] = (),
     ) -> None:
-        super().__init__(backbone, tasks)
+        super().__init__(backbone, tasks, map_tasks)
+        self.refuse_map_tasks("its experts and gates mix the backbone's pooled vector, and the PLE paper defines no experts over feature maps.")
         if num_levels < 1:
             raise ValueError(f"sharing.num_levels must be at least 1, got {num_levels}.")
         if num_shared_experts < 0 or num_task_experts < 0 or num_shared_experts + num_task_experts < 1:
@@ -187,6 +190,7 @@ class CGC(PLE):
         num_task_experts: experts per task ``m_t``.
         expert_hidden: hidden widths of each expert MLP.
         expert_out: width of each expert's output = ``out_features``.
+        map_tasks: tasks whose head reads a feature map: refused (ValueError), see mtl.sharing.base.
     """
 
     def __init__(
@@ -197,8 +201,10 @@ class CGC(PLE):
         num_task_experts: int = 1,
         expert_hidden: Sequence[int] = (64,),
         expert_out: int = 32,
+        map_tasks: Sequence[str] = (),
     ) -> None:
         super().__init__(
             backbone, tasks, num_levels=1, num_shared_experts=num_shared_experts,
             num_task_experts=num_task_experts, expert_hidden=expert_hidden, expert_out=expert_out,
+            map_tasks=map_tasks,
         )

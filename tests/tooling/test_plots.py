@@ -66,3 +66,36 @@ def test_a_run_without_gradient_logs_has_no_cosine_plot(tmp_path):
 def test_nothing_to_plot_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
+
+
+def test_dense_predictions_grid_is_a_png(tmp_path):
+    import torch
+
+    from mtl.plots import plot_dense_predictions
+    from mtl.tasks import Task
+
+    tasks = {"seg": Task("seg", kind="segmentation", num_classes=4), "depth": Task("depth", kind="depth"),
+             "normal": Task("normal", kind="normal"), "cls": Task("cls", num_classes=2)}
+    targets = {"seg": torch.randint(-1, 4, (2, 8, 8)), "depth": torch.rand(2, 1, 8, 8), "normal": torch.randn(2, 3, 8, 8),
+               "cls": torch.tensor([0, 1])}
+    targets["depth"][0, 0, 0] = 0.0
+    outputs = {"seg": torch.randn(2, 4, 8, 8), "depth": torch.rand(2, 1, 8, 8), "normal": torch.randn(2, 3, 8, 8),
+               "cls": torch.randn(2, 2)}
+    out = plot_dense_predictions(torch.rand(2, 3, 8, 8), targets, outputs, tasks, tmp_path / "p.png", title="t")
+    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+    assert plot_dense_predictions(torch.rand(2, 3, 8, 8), {"cls": targets["cls"]}, {"cls": outputs["cls"]}, tasks, tmp_path / "q.png") is None
+
+
+def test_mtl_plot_predictions_of_a_scenes_run(make_cfg, tmp_path, capsys):
+    from mtl.train import train
+
+    cfg = make_cfg(
+        "experiment=scenes_multitask", "data=scenes", "data.n_train=8", "data.n_val=4", "data.n_test=4",
+        "data.size=16", "data.batch_size=4", "backbone=resnet", "backbone.width=4",
+        "model.dense_head.hidden=4", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+    )
+    train(cfg, tmp_path / "run")
+    assert main([str(tmp_path / "run"), "--predictions", "3"]) == 0
+    png = tmp_path / "run" / "plots" / "train_predictions.png"
+    assert str(png) in capsys.readouterr().out.split()
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
