@@ -85,6 +85,33 @@ def model_source(cfg: DictConfig, checkpoint: Mapping[str, Any], ckpt: Path) -> 
     return node, "the checkpoint"
 
 
+def load_module(path: str | Path, map_location: str = "cpu") -> MultiTaskModule:
+    """The :class:`MultiTaskModule` of a checkpoint written by ``mtl-train``, rebuilt from what the
+    checkpoint itself stores (its tasks, and the backbone, sharing and model configs, of which only
+    ``mtl`` classes are built), in eval mode. ``mtl.load`` and
+    ``MultiTaskModule.load_from_checkpoint`` call this."""
+    ckpt = Path(path)
+    obj = load_checkpoint(ckpt, "checkpoint")
+    meta = obj.get("mtl") if isinstance(obj, Mapping) else None
+    spec = obj.get("mtl_run") if isinstance(obj, Mapping) else None
+    if not meta or not isinstance(spec, Mapping) or not spec.get("backbone") or not spec.get("model"):
+        raise ValueError(
+            f"'{ckpt}' holds no task and model information (it was not written by mtl-train, or by an older "
+            f"one); rebuild the model yourself and use mtl.transfer.loading.load_weights."
+        )
+    bases = {"backbone": nn.Module, "sharing": nn.Module, "model": nn.Module}
+    for key, base in bases.items():
+        if spec.get(key) is not None:
+            check_spec_targets(spec[key], f"{ckpt}:mtl_run.{key}", base)
+    tasks = {name: Task(**task) for name, task in meta["tasks"].items()}
+    backbone = instantiate(spec["backbone"], _convert_="all")
+    sharing = instantiate(spec["sharing"], _convert_="all") if spec.get("sharing") else None
+    model = instantiate(spec["model"], _partial_=True, _convert_="all")(backbone=backbone, tasks=tasks, sharing=sharing)
+    load_weights(model, ckpt)
+    module = MultiTaskModule(model, tasks=meta["target_tasks"], source_tasks=meta["source_tasks"])
+    return module.to(map_location).eval()
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Test the checkpoint ``cfg.ckpt_path``; returns ``{"stages": {"eval": {...}}}`` results."""
     ckpt = Path(cfg.ckpt_path)

@@ -316,6 +316,11 @@ class MultiTaskModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self.task_losses(batch, "test")
 
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """``{task: head output}`` for the module's tasks (a batch is ``x`` or ``(x, labels)``)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.model(x, self.task_names)
+
     # ------------------------------------------------------------------ epoch hooks and logging
     def on_train_epoch_start(self) -> None:
         if self.source_tasks:
@@ -393,6 +398,17 @@ class MultiTaskModule(pl.LightningModule):
         self.finetuning.step(optimizer, self.current_epoch, optimizer_closure)
 
     # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, **kwargs: Any) -> "MultiTaskModule":  # type: ignore[override]
+        """Rebuild the module of a checkpoint written by ``mtl-train`` from what it stores (its tasks
+        and model configs): :func:`mtl.load`. A checkpoint of your own code needs its model first:
+        build it and use ``mtl.transfer.loading.load_weights``."""
+        from mtl.eval import load_module
+
+        if kwargs:
+            raise TypeError(f"MultiTaskModule.load_from_checkpoint takes no hyper-parameters, got {sorted(kwargs)}.")
+        return load_module(checkpoint_path, str(map_location or "cpu"))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mtl"] = {
             "tasks": {t: dataclasses.asdict(task) for t, task in self.model.tasks.items()},

@@ -53,3 +53,30 @@ def test_a_multirun_of_ddp_jobs_runs_each_job_once_in_its_own_directory(tmp_path
         assert results["config"]["trainer"]["devices"] == 2 and results["config"]["seed"] == int(job.name)
         assert (job / "train_ddp_process_1.log").is_file()  # rank 1 ran in this job's directory
         assert list(job.rglob("results.json")) == [job / "results.json"]
+
+
+def test_load_a_trained_checkpoint_and_predict(make_cfg, tmp_path):
+    """mtl.load and MultiTaskModule.load_from_checkpoint rebuild the module from the checkpoint alone;
+    predict_step gives {task: output} equal to the trained model's."""
+    import pytorch_lightning as pl
+    import torch
+
+    import mtl
+    from mtl import MultiTaskModule
+    from mtl.train import train
+
+    train(make_cfg("schedule=multitask"))
+    ckpt = tmp_path / "run" / "stages" / "train" / "checkpoints" / "best.ckpt"
+    module = mtl.load(str(ckpt))
+    again = MultiTaskModule.load_from_checkpoint(ckpt)
+    x = torch.randn(5, 1, 8, 14)
+    with torch.no_grad():
+        a, b = module(x), again(x)
+    assert set(a) == {"left", "right", "sum"} and a["sum"].shape == (5, 19)
+    for t in a:
+        assert torch.equal(a[t], b[t])
+    preds = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).predict(
+        module, torch.utils.data.DataLoader(x, batch_size=5)
+    )
+    for t in a:
+        torch.testing.assert_close(preds[0][t], a[t])
