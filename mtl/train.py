@@ -10,7 +10,9 @@ names, and the run directory (a stage trained under another config is refused).
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -31,6 +33,30 @@ from mtl.schedule import Builders, ScheduleConfig, ScheduleRunner, single_task_s
 from mtl.schedule.guards import NONFINITE_MODES, is_rank_zero
 from mtl.sweeps import objective_names, run_job
 from mtl.tasks import Task
+
+#: Lightning's info lines that a user of mtl-train cannot act on (adverts, device inventory, the
+#: checkpoint restores the runner itself asks for): dropped from its loggers' output
+_NOISE = (
+    "💡 Tip", "GPU available", "TPU available", "HPU available", "Seed set to", "`Trainer.fit` stopped",
+    "Restoring states from the checkpoint path", "Loaded model weights from the checkpoint",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_NOISE)
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's adverts and routine info lines (see ``_NOISE``) and its own deprecation
+    warning about torch's pytree API; other warnings and errors stay."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.seed",
+                 "lightning_fabric.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+
 
 # mtl/conf links to the repository's conf/ (a wheel carries the files themselves)
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -326,6 +352,7 @@ def _end_ddp(env: Mapping[str, str | None]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
+    quiet_lightning()
     run_dir = HydraConfig.get().runtime.output_dir
     _use_job_config_for_ddp()
     env = {k: os.environ.get(k) for k in DDP_ENV}

@@ -2,7 +2,8 @@
 
 One architecture per file: ``hard`` (one backbone for every task), ``cross_stitch`` (a column per
 task mixed by learned units), ``mtan`` (task attention over the stages), ``mmoe`` (MMoE and the
-one-gate OMoE), ``ple`` (CGC and PLE), ``dselect_k``; ``experts.py`` holds what the mixtures of
+one-gate OMoE), ``ple`` (CGC and PLE), ``dselect_k``, ``ltb`` (Learning to Branch: a tree of
+branches chosen by Gumbel-softmax); ``experts.py`` holds what the mixtures of
 experts share and ``base.py`` the interface (:class:`Sharing`: features per task, the shared
 representation, ``shared_parameters`` and ``regularization``).
 
@@ -15,6 +16,7 @@ their papers define no experts over feature maps, and they refuse dense tasks wi
 from mtl.sharing.base import SharedFeatures, Sharing
 from mtl.sharing.cross_stitch import CrossStitch
 from mtl.sharing.hard import HardSharing
+from mtl.sharing.ltb import LTB
 from mtl.sharing.dselect_k import DSelectK
 from mtl.sharing.mmoe import MMoE, OMoE
 from mtl.sharing.ple import CGC, PLE
@@ -25,6 +27,7 @@ __all__ = [
     "CrossStitch",
     "DSelectK",
     "HardSharing",
+    "LTB",
     "MMoE",
     "MTAN",
     "OMoE",
