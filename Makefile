@@ -37,7 +37,7 @@ train: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/mtl-train $(ARGS)
 
 test: install-dev
-	$(BIN)/python -m pytest -q $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -238,7 +238,7 @@ def build_trainer(cfg: DictConfig) -> Callable[..., pl.Trainer]:
     return make
 
 
-def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
+def build_runner(cfg: DictConfig, run_dir: str | Path, log: Callable[[str], None] = print) -> ScheduleRunner:
     """Everything a run needs, from a composed config (used by ``mtl-train`` and the tests).
 
     Checks the config (:func:`check_config`), every stage's parts and the ``optimized_metric``
@@ -275,6 +275,7 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
         seed=cfg.seed,
         nonfinite=(cfg.get("guard") or {}).get("nonfinite", "stop"),
         rerun_from=cfg.get("rerun_from"),
+        log=log,
     )
     produced = {
         st.name: {t: list(datamodule.tasks[t].metric_directions) for t in st.trained_tasks} for st in runner.stages
@@ -285,12 +286,15 @@ def build_runner(cfg: DictConfig, run_dir: str | Path) -> ScheduleRunner:
     return runner
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None) -> tuple[float | None, dict]:
-    """Run the configured schedule; returns (the optimized metric or None, results)."""
+def train(
+    cfg: DictConfig, run_dir: str | Path | None = None, log: Callable[[str], None] = print
+) -> tuple[float | None, dict]:
+    """Run the configured schedule; returns (the optimized metric or None, results). ``log``
+    receives the runner's progress messages (``mtl-train`` logs them, so they reach ``train.log``)."""
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = run_dir or cfg.paths.output_dir
-    results = build_runner(cfg, run_dir).run()
+    results = build_runner(cfg, run_dir, log=log).run()
     if is_rank_zero():
         print_results(results)
         print(f"Results: {Path(run_dir) / 'results.json'}")
@@ -360,7 +364,7 @@ def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
 
     def job() -> dict:
         check_overrides(cfg, HydraConfig.get().overrides.task)
-        return train(cfg, run_dir)[1]
+        return train(cfg, run_dir, log=logging.getLogger("mtl").info)[1]
 
     try:
         # in a multirun a failing job is recorded (error.txt, a failed results.json) and the sweep goes on

@@ -6,9 +6,18 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
+# One intra-op thread for the whole suite, set before torch starts its thread pool: the tests that
+# fork processes (DDP, kill-and-resume) would otherwise fork a process whose OpenMP pool is running,
+# and a forked child can then wait forever on a lock the pool held. It is also what the suite's
+# tiny models run fastest with on a shared 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")

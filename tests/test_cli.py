@@ -32,6 +32,9 @@ def test_print_config_and_run_dir_and_eval(tmp_path):
     assert "finetune:" in out and "_target_: mtl.data.MultiDigitsDataModule" in out
     out = run("-m", "mtl.train", f"hydra.run.dir={tmp_path}/run", "schedule=multitask", *TINY_CLI, cwd=tmp_path)
     assert "Final metrics" in out and (tmp_path / "run" / "results.json").is_file()
+    # quiet: no adverts or device inventory; the run's messages are also in train.log
+    assert "Tip:" not in out and "GPU available" not in out and "LeafSpec" not in out
+    assert "[train] training tasks" in (tmp_path / "run" / "train.log").read_text()
     ckpt = tmp_path / "run/stages/train/checkpoints/best.ckpt"
     out = run("-m", "mtl.eval", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert "Model and data config from the checkpoint" in out and "│ eval" in out and "acc=" in out
