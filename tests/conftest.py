@@ -17,6 +17,8 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra
 
+import mtl.train  # noqa: E402,F401  (registers the schedule schema, schedule/base, in the ConfigStore)
+
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]

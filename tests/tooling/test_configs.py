@@ -12,8 +12,12 @@ from conftest import CONF
 
 
 def instantiate_loggers(cfg, stage_dir: Path):
-    """What make_trainer in mtl/train.py does for each stage."""
-    return [instantiate(lg, save_dir=str(stage_dir)) for lg in (cfg.get("logger") or {}).values() if lg]
+    """The loggers of the trainer that the entry point's real trainer builder makes for a stage."""
+    from mtl.schedule import Stage
+    from mtl.train import build_trainer
+
+    trainer = build_trainer(cfg)(Stage(name=stage_dir.name, tasks=["left"]), stage_dir, [], None)
+    return trainer.loggers
 
 
 def test_csv_logger_writes_metrics_csv_in_the_stage_dir(make_cfg, tmp_path):
@@ -95,3 +99,21 @@ def test_launcher_presets():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     cfg = hydra_cfg("hydra/launcher=slurm")
     assert cfg.hydra.launcher.max_num_timeout == 3 and "Slurm" in cfg.hydra.launcher._target_
+
+
+def test_debug_and_callback_presets_build_real_trainers(make_cfg, tmp_path):
+    """debug=default|profiler and callbacks=early_stopping through the real trainer builder."""
+    from pytorch_lightning.callbacks import EarlyStopping
+    from pytorch_lightning.profilers import SimpleProfiler
+
+    from mtl.schedule import Stage
+    from mtl.train import build_trainer
+
+    stage = Stage(name="s", tasks=["left"])
+    trainer = build_trainer(make_cfg("debug=default"))(stage, tmp_path / "a", [], None)
+    assert trainer.max_epochs == 1 and trainer._detect_anomaly
+    trainer = build_trainer(make_cfg("debug=profiler"))(stage, tmp_path / "b", [], None)
+    assert isinstance(trainer.profiler, SimpleProfiler)
+    trainer = build_trainer(make_cfg("callbacks=early_stopping"))(stage, tmp_path / "c", [], None)
+    stopping = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]
+    assert len(stopping) == 1 and stopping[0].monitor == "val/loss"
