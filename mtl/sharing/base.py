@@ -3,7 +3,7 @@
 A sharing module wraps a backbone and maps an input batch to one feature vector per task. It also
 names its *shared representation*: the tensor that every task's features depend on and that is
 computed by shared parameters only. Objective-sharing methods can take per-task gradients with
-respect to it instead of the shared parameters (``balancer.space=representation``), which is far
+respect to it instead of the shared parameters (``balancer.engine.space=representation``), which is far
 cheaper. A module without such a tensor returns ``None`` and the engine says so.
 
 **Tasks whose head reads a feature map** (the dense kinds: segmentation, depth, normal) are named

@@ -36,7 +36,7 @@ class CrossStitch(Sharing):
 
     **Shared representation: none** (``representation=None``). No single tensor carries all the
     information shared between tasks: every task mixes every column at every stage. Objective
-    sharing in representation space (``balancer.space=representation``) is therefore unavailable;
+    sharing in representation space (``balancer.engine.space=representation``) is therefore unavailable;
     balance over the parameters instead.
 
     **Shared parameters:** all columns and all units. At any mixing other than the identity, every

@@ -44,7 +44,7 @@ class MTAN(Sharing):
     **Shared representation: none** (``representation=None``). Every task reads every stage
     output :math:`p_1..p_S`, not only the last one, so no single tensor carries all the gradient
     that flows into the backbone, and objective sharing in representation space
-    (``balancer.space=representation``) is unavailable; balance over the parameters instead.
+    (``balancer.engine.space=representation``) is unavailable; balance over the parameters instead.
 
     **Shared parameters:** the backbone and the blocks :math:`f_s`. The attention modules are
     task-specific.
