@@ -11,10 +11,13 @@ are built (modules for the model, DataModules for the data).
 from __future__ import annotations
 
 import inspect
+import logging
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 import pytorch_lightning as pl
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -22,12 +25,17 @@ from torch import nn
 
 from mtl.module import MultiTaskModule
 from mtl.report import print_results
-from mtl.results import nest, task_directions
+from mtl.results import nest, task_directions, write_json
 from mtl.tasks import Task
 from mtl.train import CONFIG_DIR, build_model, instantiate_data
 from mtl.transfer.loading import load_checkpoint, load_weights
 
 SPEC_KEYS = ("data", "backbone", "sharing", "model")
+
+# conf/eval.yaml puts the results next to the checkpoint: ${mtl.parent:${ckpt_path}}
+for _name, _fn in (("mtl.parent", lambda p: str(Path(str(p)).parent)), ("mtl.stem", lambda p: Path(str(p)).stem)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 def check_spec_targets(node: Any, where: str, base: type) -> None:
@@ -148,8 +156,22 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    results = evaluate(cfg)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = evaluate(cfg)
+    except BaseException:
+        _remove_if_only_hydra_files(out)  # a failed evaluation leaves no directory behind
+        raise
+    write_json(out / "eval_results.json", results)
     print_results(results)
+    print(f"Results: {out / 'eval_results.json'}")
+
+
+def _remove_if_only_hydra_files(out: Path) -> None:
+    """Remove ``out`` if it holds nothing but what Hydra wrote there (``.hydra/``, the job log)."""
+    logging.shutdown()
+    if out.is_dir() and all(p.name in (".hydra", "eval.log") for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,14 @@ def test_print_config_and_run_dir_and_eval(tmp_path):
     ckpt = tmp_path / "run/stages/train/checkpoints/best.ckpt"
     out = run("-m", "mtl.eval", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert "Model and data config from the checkpoint" in out and "│ eval" in out and "acc=" in out
+    # by default the results go next to the checkpoint; a failed evaluation leaves nothing behind
+    run("-m", "mtl.eval", f"ckpt_path={ckpt}", cwd=tmp_path)
+    assert (ckpt.parent / "eval_best" / "eval_results.json").is_file()
+    assert not (ckpt.parent / "eval_best" / ".hydra").exists()
+    failed = subprocess.run([PYTHON, "-m", "mtl.eval", f"ckpt_path={tmp_path}/none.ckpt"], cwd=tmp_path, env=cli_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "none.ckpt" in failed.stdout + failed.stderr
+    assert not (tmp_path / "eval_none").exists() and not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.slow  # two jobs of two processes each: about 30 s on two cores
