@@ -31,6 +31,7 @@ from mtl.report import print_results
 from mtl.results import check_metric_name, lookup_metric
 from mtl.schedule import Builders, ScheduleConfig, ScheduleRunner, single_task_stages, stages_from_dict
 from mtl.schedule.guards import NONFINITE_MODES, is_rank_zero
+from mtl.schedule.runner import RunDirectoryError
 from mtl.sweeps import objective_names, run_job
 from mtl.tasks import Task
 
@@ -369,6 +370,11 @@ def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     try:
         # in a multirun a failing job is recorded (error.txt, a failed results.json) and the sweep goes on
         return run_job(cfg, run_dir, job)
+    except RunDirectoryError as err:
+        # the run directory refuses this run (another config, another process): the message says what
+        # to do, a traceback would only bury it
+        print(f"mtl-train: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         if launched_here:
             _end_ddp(env)

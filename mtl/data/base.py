@@ -163,9 +163,17 @@ class MultiTaskDataModule(pl.LightningDataModule, abc.ABC):
         """Tasks used when the config declares none."""
         raise ValueError(f"{type(self).__name__} needs data.tasks to be set.")
 
-    @abc.abstractmethod
     def build(self) -> dict[str, tuple[Tensor, dict[str, Tensor]]]:
-        """``{split: (x, {task: labels})}`` for every split and every declared task."""
+        """``{split: (x, {task: labels})}`` for every split and every declared task.
+
+        The in-memory DataModules implement it and :meth:`setup` turns its arrays into datasets; a
+        DataModule that reads its examples from disk overrides :meth:`setup` and :meth:`dataset`
+        instead and never calls it.
+        """
+        raise TypeError(
+            f"{type(self).__name__} defines neither build() (arrays in memory) nor its own setup(); "
+            f"implement one of them."
+        )
 
     # ------------------------------------------------------------------ machinery
     def select_tasks(self, names: Sequence[str], sources: Sequence[str] = ()) -> None:

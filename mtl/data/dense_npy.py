@@ -337,9 +337,6 @@ class DenseNpyDataModule(MultiTaskDataModule):
             tasks["normal"] = Task("normal", kind="normal")
         return tasks
 
-    def build(self):  # pragma: no cover - the examples stay on disk; see setup
-        raise NotImplementedError("DenseNpyDataModule reads its examples from disk in setup().")
-
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
