@@ -26,10 +26,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.balancing import GradientAggregator
+from mtl.extras import apply_extras, check_tags
 from mtl.model import MultiTaskModel
 from mtl.report import print_results
 from mtl.results import check_metric_name, lookup_metric
-from mtl.schedule import Builders, ScheduleConfig, ScheduleRunner, single_task_stages, stages_from_dict
+from mtl.schedule import Builders, ScheduleConfig, ScheduleRunner, resolve_epochs, single_task_stages, stages_from_dict
 from mtl.schedule.guards import NONFINITE_MODES, is_rank_zero
 from mtl.schedule.runner import RunDirectoryError
 from mtl.sweeps import objective_names, run_job
@@ -90,6 +91,7 @@ def check_config(cfg: DictConfig) -> None:
     reads: ``seed``, the trainer's epoch and batch limits, the batch size, the learning rate, the
     guard, ``rerun_from`` and the trainer strategy.
     """
+    check_tags(cfg.get("tags"), bool((cfg.get("extras") or {}).get("enforce_tags")))
     seed = cfg.get("seed")
     if not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {_got(seed)}; e.g. seed=0.")
@@ -249,7 +251,8 @@ def build_runner(cfg: DictConfig, run_dir: str | Path, log: Callable[[str], None
     datamodule = instantiate_data(cfg.data)
     datamodule.setup()
     stages = stages_from_dict(OmegaConf.to_container(cfg.schedule.stages, resolve=True))
-    extra = {}
+    stages = resolve_epochs(stages, cfg.trainer.max_epochs, cfg.schedule.get("epoch_cap"))
+    extra = {"task_name": str(cfg.get("task_name") or "train"), "tags": check_tags(cfg.get("tags"), False)}
     baseline = (cfg.get("baseline") or {}).get("name")
     if baseline == "single_task":
         stages = single_task_stages(stages, list(datamodule.tasks))
@@ -295,6 +298,8 @@ def train(
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = run_dir or cfg.paths.output_dir
+    if is_rank_zero():
+        apply_extras(cfg, run_dir, echo=log)
     results = build_runner(cfg, run_dir, log=log).run()
     if is_rank_zero():
         print_results(results)

@@ -7,7 +7,9 @@ and the training split keeps only the examples labelled for at least one selecte
 When a stage also names source (auxiliary) tasks, a training batch is
 ``{"target": (x, {target: y}), "source": (x, {source: y})}``: an epoch is one pass over the
 examples labelled for the targets (often few), and each step also draws a batch labelled for the
-sources, so scarce target labels are not diluted in a large source set.
+sources, so scarce target labels are not diluted in a large source set. ``min_steps_per_epoch``
+makes an epoch over few labels longer (several passes), so that a stage's epochs, its fine-tuning
+policy and its validations count in steps worth counting.
 """
 
 from __future__ import annotations
@@ -68,11 +70,19 @@ class EpochShuffleSampler(Sampler[int]):
     Lightning calls :meth:`set_epoch` before every epoch, so a stage resumed from a checkpoint
     sees the same batches as an uninterrupted one (a plain shuffling DataLoader would restart its
     random stream).
+
+    Args:
+        length: number of examples.
+        seed: seed of the orders.
+        num_samples: indices per epoch (default ``length``: one pass). More than ``length`` chains
+            fresh random passes (every example once per pass) and cuts the last one, so an epoch
+            over a few labelled examples can be long enough to be worth a validation.
     """
 
-    def __init__(self, length: int, seed: int = 0) -> None:
+    def __init__(self, length: int, seed: int = 0, num_samples: int | None = None) -> None:
         self.length = int(length)
         self.seed = int(seed)
+        self.num_samples = self.length if num_samples is None else max(int(num_samples), self.length)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -80,10 +90,12 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=g).tolist())
+        passes = -(-self.num_samples // max(self.length, 1))
+        order = torch.cat([torch.randperm(self.length, generator=g) for _ in range(passes)])
+        return iter(order[: self.num_samples].tolist())
 
     def __len__(self) -> int:
-        return self.length
+        return self.num_samples
 
 
 def collate_batch(batch):
@@ -108,6 +120,10 @@ class MultiTaskDataModule(pl.LightningDataModule, abc.ABC):
         name: name of the dataset (used when several datasets are combined).
         source_tasks, target_tasks: the tasks' natural roles for transfer, read by the schedule
             presets (``${data.source_tasks}``); default: none are sources, all are targets.
+        min_steps_per_epoch: a training epoch draws at least this many batches, cycling through the
+            labelled examples in fresh random orders (default: one pass). With scarce target labels
+            (300 labels are 5 batches) an epoch of one pass makes every stage's length, its
+            fine-tuning policy and its per-epoch validation count in units of 5 steps.
     """
 
     def __init__(
@@ -121,6 +137,7 @@ class MultiTaskDataModule(pl.LightningDataModule, abc.ABC):
         name: str | None = None,
         source_tasks: Sequence[str] | None = None,
         target_tasks: Sequence[str] | None = None,
+        min_steps_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
         self.tasks: dict[str, Task] = tasks_from_config(tasks) if tasks else self.default_tasks()
@@ -149,6 +166,14 @@ class MultiTaskDataModule(pl.LightningDataModule, abc.ABC):
                     f"examples to keep, an integer >= 0 (null keeps them all)."
                 )
         self.num_workers = int(num_workers)
+        if min_steps_per_epoch is not None and (
+            isinstance(min_steps_per_epoch, bool) or not isinstance(min_steps_per_epoch, int) or min_steps_per_epoch < 1
+        ):
+            raise ValueError(
+                f"data.min_steps_per_epoch={min_steps_per_epoch!r} must be a positive integer (or null for one "
+                f"pass over the training examples per epoch)."
+            )
+        self.min_steps_per_epoch = min_steps_per_epoch
         self.source_tasks, self.target_tasks = check_roles(self.tasks, source_tasks, target_tasks)
         self.active_tasks: list[str] = list(self.tasks)
         self.active_sources: list[str] = []
@@ -253,11 +278,15 @@ class MultiTaskDataModule(pl.LightningDataModule, abc.ABC):
         return DataLoader(
             ds,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=EpochShuffleSampler(len(ds), self.seed) if shuffle else None,
+            sampler=EpochShuffleSampler(len(ds), self.seed, self._samples_per_epoch(len(ds))) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=collate_batch,
             drop_last=False,
         )
+
+    def _samples_per_epoch(self, length: int) -> int:
+        """Training examples drawn per epoch: one pass, or ``min_steps_per_epoch`` full batches."""
+        return max(length, (self.min_steps_per_epoch or 0) * self.batch_size)
 
     def train_loaders(self) -> dict[str, DataLoader]:
         """``{"target": loader}``, plus ``"source"`` when the stage has source tasks."""
@@ -273,7 +302,8 @@ class MultiTaskDataModule(pl.LightningDataModule, abc.ABC):
         loaders = self.train_loaders()
         if len(loaders) == 1:
             return next(iter(loaders.values()))
-        # an epoch is one pass over the target-labelled examples (usually the fewer)
+        # an epoch is one pass over the target-labelled examples (usually the fewer), or
+        # min_steps_per_epoch batches of them
         return CombinedLoader(loaders, "min_size")
 
     def val_dataloader(self) -> DataLoader:

@@ -376,7 +376,7 @@ class DenseNpyDataModule(MultiTaskDataModule):
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochShuffleSampler(len(ds), self.seed) if shuffle else None,
+            sampler=EpochShuffleSampler(len(ds), self.seed, self._samples_per_epoch(len(ds))) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=self.drop_last and train,

@@ -9,7 +9,7 @@ stage checkpoint (finite best, atomic last every epoch) and the run directory's 
 
 from mtl.schedule.guards import NonFiniteError, NonFiniteGuard, RunLock, RunLockedError, StageCheckpoint
 from mtl.schedule.runner import Builders, FingerprintMismatch, ScheduleRunner, stage_seed
-from mtl.schedule.stage import Distill, ScheduleConfig, Stage, single_task_stages, stages_from_dict
+from mtl.schedule.stage import Distill, ScheduleConfig, Stage, resolve_epochs, single_task_stages, stages_from_dict
 
 __all__ = [
     "Builders",
@@ -26,4 +26,5 @@ __all__ = [
     "single_task_stages",
     "stage_seed",
     "stages_from_dict",
+    "resolve_epochs",
 ]

@@ -133,11 +133,14 @@ class ScheduleConfig:
 
     Attributes:
         name: the schedule's name (shown in reports).
+        epoch_cap: no stage trains more epochs than this, whatever its own ``max_epochs`` (the
+            ``debug=*`` presets set it; None: no cap).
         fuse: names of stages whose best models are ensembled and souped at the end.
         stages: ``{name: Stage}`` in order; ``schedule.stages.<name>=null`` drops a stage.
     """
 
     name: str = "custom"
+    epoch_cap: Optional[int] = None
     fuse: List[str] = field(default_factory=list)
     stages: Dict[str, Optional[Stage]] = field(default_factory=dict)
 
@@ -147,6 +150,18 @@ def stages_from_dict(stages: Mapping[str, Mapping[str, Any]] | None) -> list[Sta
     out = [Stage.from_dict(str(name), spec) for name, spec in (stages or {}).items() if spec is not None]
     if not out:
         raise ValueError("schedule.stages is empty; a schedule needs at least one stage.")
+    return out
+
+
+def resolve_epochs(stages: list[Stage], default: int, cap: int | None = None) -> list[Stage]:
+    """Every stage with its number of epochs set: its own ``max_epochs``, else ``default``
+    (``trainer.max_epochs``), and at most ``cap`` (``schedule.epoch_cap``) when one is given."""
+    if cap is not None and (isinstance(cap, bool) or int(cap) != cap or cap < 1):
+        raise ValueError(f"schedule.epoch_cap must be a positive integer or null, got {cap!r}.")
+    out = []
+    for stage in stages:
+        epochs = int(stage.max_epochs if stage.max_epochs is not None else default)
+        out.append(dataclasses.replace(stage, max_epochs=min(epochs, int(cap)) if cap is not None else epochs))
     return out
 
 
