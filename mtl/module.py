@@ -189,6 +189,7 @@ class MultiTaskModule(pl.LightningModule):
         every forward pass is appended to it (with the distillation tasks' outputs too).
         """
         losses: dict[str, Tensor] = {}
+        check = split is not None and self._check_batches()
         for x, ys in self._groups(batch):
             names = list(ys) + ([t for t in self.distill_tasks if t not in ys] if records is not None else [])
             outputs, rep = self.model.forward_with_representation(x, names)
@@ -196,7 +197,7 @@ class MultiTaskModule(pl.LightningModule):
                 records.append(ForwardRecord(x, outputs, rep))
             for t, y in ys.items():
                 task = self.tasks[t]
-                if split is not None:
+                if check:
                     task.check_targets(y)
                 losses[t] = task.loss(outputs[t], y)
                 pair = task.metric_inputs(outputs[t], y) if split is not None else None
@@ -204,6 +205,12 @@ class MultiTaskModule(pl.LightningModule):
                     self.metrics[f"{split}_metrics"][t].update(*pair)
                     self.metrics[f"{split}_loss"][t].update(losses[t].detach(), pair[0].shape[0])
         return losses
+
+    def _check_batches(self) -> bool:
+        """Whether to check each batch's labels: not when the trainer's DataModule checked every
+        split at setup (this package's in-memory ones do), so the step makes no host syncs for it."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return not getattr(datamodule, "targets_checked", False)
 
     def loss_vector(self, losses: Mapping[str, Tensor]) -> Tensor:
         """``[T]`` statically weighted losses ``w_t L_t`` in the module's task order (0 if absent)."""

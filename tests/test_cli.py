@@ -54,9 +54,9 @@ def test_a_multirun_of_ddp_jobs_runs_each_job_once_in_its_own_directory(tmp_path
         "-m", "mtl.train", "-m", "trainer=ddp_cpu", "seed=0,1", "schedule=multitask",
         *TINY_CLI, cwd=tmp_path,
     )
-    sweeps = list((tmp_path / "outputs" / "multiruns").iterdir())
+    sweeps = list((tmp_path / "outputs" / "train" / "multiruns").iterdir())
     assert len(sweeps) == 1, out[-2000:]  # the rank-1 processes did not start sweeps of their own
-    assert not (tmp_path / "outputs" / "runs").exists()
+    assert not (tmp_path / "outputs" / "train" / "runs").exists()
     jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
     assert [j.name for j in jobs] == ["0", "1"]
     for job in jobs:

@@ -227,6 +227,14 @@ class MultiTaskDataModule(pl.LightningDataModule, abc.ABC):
             for t, y in labels.items():
                 self.tasks[t].check_targets(y)
             self.splits[split] = ArrayDataset(x, labels)
+        self._targets_checked = True
+
+    @property
+    def targets_checked(self) -> bool:
+        """Whether every label of every split was checked (:meth:`Task.check_targets`) at setup,
+        so the module need not check each batch (a DataModule that reads from disk and overrides
+        :meth:`setup` has not, and says False)."""
+        return getattr(self, "_targets_checked", False)
 
     def _apply_budget(self, labels: dict[str, Tensor]) -> dict[str, Tensor]:
         out = dict(labels)

@@ -62,6 +62,11 @@ class CombinedDataModule(pl.LightningDataModule):
             dims[0] if len(set(dims)) == 1 else -1 for dims in zip(*shapes.values())
         )
 
+    @property
+    def targets_checked(self) -> bool:
+        """Whether every dataset checked its labels at setup (see MultiTaskDataModule)."""
+        return all(getattr(dm, "targets_checked", False) for dm in self.datasets.values())
+
     def select_tasks(self, names: Sequence[str], sources: Sequence[str] = ()) -> None:
         unknown = [t for t in list(names) + list(sources) if t not in self.tasks]
         if unknown:
