@@ -7,7 +7,9 @@ config hash, seed and paths left out), and prints one table with, per task and m
 std over seeds, the number of seeds and Δm% against the single-task baselines it finds among the
 same runs (``baseline=single_task``). Failed jobs are rows of their own, with their error. The
 table is also written as CSV and Markdown (``report.csv``, ``report.md`` in the first directory,
-or ``--out``).
+or ``--out``). Metrics are those of the test split unless ``--split val`` (:data:`DEFAULT_SPLIT`,
+shared with ``mtl-plot``'s Pareto plot, so that a table and a plot of one sweep show the same
+numbers): the best checkpoint is chosen on val, so test is the unbiased estimate.
 
 Δm (Maninis et al., "Attentive Single-Tasking of Multiple Tasks", CVPR 2019) is the mean, over
 every task ``t`` and metric ``m``, of the signed relative change against the single-task baseline:
@@ -34,6 +36,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mtl.results import config_hash, higher_is_better, read_json, task_metrics
+
+#: The split whose metrics ``mtl-report`` and ``mtl-plot`` show unless told otherwise (``--split``).
+DEFAULT_SPLIT = "test"
 
 
 def results_table(results: Mapping[str, Any], title: str = "Final metrics (best checkpoint)") -> Table:
@@ -313,7 +318,7 @@ class Report:
 
 
 def build_report(
-    dirs: Iterable[str | Path], split: str = "test", metrics: Sequence[str] | None = None
+    dirs: Iterable[str | Path], split: str = DEFAULT_SPLIT, metrics: Sequence[str] | None = None
 ) -> Report:
     """Collect, group and summarize every run under ``dirs`` (see the module docstring)."""
     runs = find_runs(dirs)
@@ -438,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "over seeds per task and metric, and Δm%% against single-task baselines.",
     )
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run directories")
-    parser.add_argument("--split", default="test", choices=("val", "test"))
+    parser.add_argument("--split", default=DEFAULT_SPLIT, choices=("val", "test"),
+                        help=f"split of the metrics (default: {DEFAULT_SPLIT}, as in mtl-plot)")
     parser.add_argument("--metrics", default=None, help="comma-separated metric names (default: all but loss)")
     parser.add_argument(
         "--out", type=Path, default=None,

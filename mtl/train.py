@@ -50,9 +50,13 @@ class _DropNoise(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Drop Lightning's adverts and routine info lines (see ``_NOISE``) and its own deprecation
-    warning about torch's pytree API; other warnings and errors stay."""
+    """Drop Lightning's adverts and routine info lines (see ``_NOISE``), its own deprecation
+    warning about torch's pytree API and its warning about modules in eval mode (ours are frozen
+    on purpose); other warnings and errors stay."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # frozen teachers (LwF, DELTA, Born-Again) and frozen normalisation statistics are in eval mode
+    # on purpose; Lightning's warning about them is not something a user can act on
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.seed",
                  "lightning_fabric.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector"):
         logger = logging.getLogger(name)

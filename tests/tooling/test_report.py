@@ -119,3 +119,19 @@ def test_runs_without_overrides_group_by_config_minus_seed(tmp_path):
 def test_missing_dir_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nope")])
+
+
+def test_cli_defaults_to_the_test_split_like_mtl_plot(tmp_path, capsys):
+    from mtl.report import DEFAULT_SPLIT
+
+    assert DEFAULT_SPLIT == "test"
+    for seed, (val, test) in enumerate([(0.1, 0.7), (0.3, 0.9)]):
+        job = write_run(tmp_path / "sweep" / str(seed), {"train": {"a": {"acc": 0.0}}}, [f"seed={seed}"])
+        results = json.loads((job / "results.json").read_text())
+        results["stages"]["train"]["tasks"]["a"] = {"val": {"acc": val}, "test": {"acc": test}}
+        (job / "results.json").write_text(json.dumps(results))
+    assert main([str(tmp_path / "sweep")]) == 0
+    printed = capsys.readouterr().out
+    assert "test split" in printed and "0.8000 ± 0.1414" in printed  # the test values, not val's 0.2000
+    assert main([str(tmp_path / "sweep"), "--split", "val"]) == 0
+    assert "0.2000 ± 0.1414" in capsys.readouterr().out
