@@ -31,7 +31,9 @@ NOT_RUN = {
     "trainer=ddp ": "needs GPUs (tests/test_ddp.py runs DDP on CPU processes)",
     "trainer=ddp_cpu trainer.devices=4": "four processes on this 2-core machine; tests/test_ddp.py runs two",
     "hydra/launcher=slurm_ddp": "needs a SLURM cluster",
-    "python scripts/": "benchmark and reproduction scripts (minutes); tests/test_scripts.py runs their --quick forms",
+    "python scripts/": "benchmarks and reproductions (minutes each); tests/test_scripts.py and "
+                       "tests/backbones/test_repro_script.py run small forms of bench_overhead, bench_balancers, "
+                       "bench_solvers, dense_baselines, repro_mmoe_synthetic and transfer_curve",
     "python -m pytest": "this is the test suite",
 }
 
