@@ -88,6 +88,25 @@ def _got(v: Any) -> str:
     return f"{v!r} ({type(v).__name__})"
 
 
+def resume_hint(ckpt_path: str) -> str:
+    """What to run instead of ``mtl-train ckpt_path=...``: a run resumes from its directory."""
+    path = Path(ckpt_path)
+    parts = path.parts
+    if len(parts) >= 4 and parts[-2] == "checkpoints" and parts[-4] == "stages":
+        run, stage = Path(*parts[:-4]) if len(parts) > 4 else Path("."), parts[-3]
+        return (
+            f"ckpt_path: mtl-train resumes a run from its directory, not from one checkpoint. Run "
+            f"`mtl-train hydra.run.dir={run}` with that run's overrides: finished stages are skipped and "
+            f"'{stage}' continues from its last.ckpt. To start a stage from these weights instead, use "
+            f"schedule.stages.<stage>.init={ckpt_path}."
+        )
+    return (
+        f"ckpt_path: '{ckpt_path}' is not a checkpoint of an mtl-train run (<run>/stages/<stage>/checkpoints/"
+        f"last.ckpt). To start a stage from a checkpoint's weights, use schedule.stages.<stage>.init={ckpt_path}; "
+        f"to resume a run, mtl-train hydra.run.dir=<run>."
+    )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse wrong types and values of the run's settings, naming the key and what to write.
 
@@ -96,6 +115,8 @@ def check_config(cfg: DictConfig) -> None:
     guard, ``rerun_from`` and the trainer strategy.
     """
     check_tags(cfg.get("tags"), bool((cfg.get("extras") or {}).get("enforce_tags")))
+    if cfg.get("ckpt_path"):
+        raise ValueError(resume_hint(str(cfg.ckpt_path)))
     seed = cfg.get("seed")
     if not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {_got(seed)}; e.g. seed=0.")

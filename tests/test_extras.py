@@ -61,3 +61,10 @@ def test_task_name_names_the_output_directory(make_cfg):
     assert cfg.hydra.run.dir.startswith("outputs/study/runs/")
     assert cfg.hydra.sweep.dir.startswith("outputs/study/multiruns/")
     GlobalHydra.instance().clear()
+
+
+def test_ckpt_path_says_how_to_resume(make_cfg):
+    with pytest.raises(ValueError, match=r"hydra.run.dir=outputs/r` .*'finetune' continues"):
+        check_config(make_cfg("ckpt_path=outputs/r/stages/finetune/checkpoints/last.ckpt"))
+    with pytest.raises(ValueError, match=r"schedule.stages.<stage>.init=w.ckpt"):
+        check_config(make_cfg("ckpt_path=w.ckpt"))
