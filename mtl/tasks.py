@@ -58,6 +58,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -315,6 +316,15 @@ class Task:
         feature_map: whether the head reads the backbone's last feature map (called with
             ``size=(H, W)``) rather than the pooled vector. Default: true for the dense kinds,
             false otherwise; a custom head of a vector kind may set it.
+        class_names: the original label of each class code (multiclass, multilabel: one per
+            class, and ``num_classes`` defaults to their number; binary: two, for codes 0 and 1),
+            e.g. ``["no", "yes"]`` when the data's labels were strings. Predictions are reported
+            with them; the model itself only sees the codes.
+        target_mean, target_std: regression only: the training targets' mean and standard
+            deviation (a float, or one per output). The head then predicts standardised targets
+            ``(y - mean) / std``: the built-in loss (and your loss) compares the output with them,
+            while metrics and :meth:`predict` see ``output * std + mean``, in the targets' units.
+            None: no standardisation.
     """
 
     name: str
@@ -329,10 +339,15 @@ class Task:
     metrics: Any = _PartField()
     directions: dict[str, bool] | None = None
     feature_map: bool | None = None
+    class_names: list[str] | None = None
+    # a float or one per output; Any because OmegaConf (Task as a structured config) has no unions
+    target_mean: Any = None
+    target_std: Any = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Task '{self.name}': kind must be one of {KINDS}, got '{self.kind}'.")
+        self._check_class_names()
         if self.kind in ("multiclass", "multilabel", "segmentation"):
             if self.num_classes is None or int(self.num_classes) < 2:
                 raise ValueError(
@@ -342,6 +357,7 @@ class Task:
             self.num_classes = int(self.num_classes)
         if self.kind == "regression":
             self.out_features = int(self.out_features or 1)
+        self._check_standardisation()
         if self.ignore_index is None:
             self.ignore_index = DEFAULT_IGNORE_INDEX.get(self.kind, -100)
         self.ignore_index = int(self.ignore_index)
@@ -361,6 +377,43 @@ class Task:
             self.metric = PRIMARY_METRIC[self.kind] if self.metrics.is_default else names[0]
         if self.metric not in names:
             raise ValueError(f"Task '{self.name}': metric '{self.metric}' is not one of {tuple(names)}.")
+
+    def _check_class_names(self) -> None:
+        if self.class_names is None:
+            return
+        if self.kind not in ("multiclass", "binary", "multilabel"):
+            raise ValueError(f"Task '{self.name}': class_names are for multiclass, binary and multilabel tasks, not '{self.kind}'.")
+        names = [str(c) for c in self.class_names]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Task '{self.name}': class_names {names} repeat a name; each class needs its own.")
+        need = 2 if self.kind == "binary" else (self.num_classes if self.num_classes is not None else len(names))
+        if len(names) != int(need):
+            raise ValueError(
+                f"Task '{self.name}': {len(names)} class_names {names} for {need} classes "
+                f"(data.tasks.{self.name}.num_classes); give one name per class."
+            )
+        if self.kind != "binary":
+            self.num_classes = len(names)
+        self.class_names = names
+
+    def _check_standardisation(self) -> None:
+        given = {k: getattr(self, k) for k in ("target_mean", "target_std") if getattr(self, k) is not None}
+        if not given:
+            return
+        if self.kind != "regression":
+            raise ValueError(f"Task '{self.name}': {sorted(given)} are for regression tasks, not '{self.kind}'.")
+        if len(given) == 1:
+            raise ValueError(f"Task '{self.name}': set both target_mean and target_std, or neither.")
+        for key, value in given.items():
+            values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+            if len(values) not in (1, self.out_features):
+                raise ValueError(
+                    f"Task '{self.name}': {key} has {len(values)} values for {self.out_features} outputs; "
+                    f"give one value, or one per output."
+                )
+            if not all(math.isfinite(v) for v in values) or (key == "target_std" and min(values) <= 0):
+                raise ValueError(f"Task '{self.name}': {key}={values} must be finite{' and > 0' if key == 'target_std' else ''}.")
+            setattr(self, key, values[0] if not isinstance(value, (list, tuple)) else values)
 
     def _check_feature_map(self) -> None:
         dense = self.kind in DENSE_KINDS
@@ -599,10 +652,12 @@ class Task:
         y = y.reshape(out.shape).to(out.dtype)
         if self.kind in ("binary", "multilabel"):
             return F.binary_cross_entropy_with_logits(out, y)
-        return F.mse_loss(out, y)
+        return F.mse_loss(out, self.standardise(y))
 
     def _user_loss(self, fn: Callable, output: Tensor, target: Tensor) -> Tensor:
         out, y = self.labelled(output, target)
+        if self.kind == "regression":
+            y = self.standardise(y.to(out.dtype))
         if self.kind != "custom" and (out.numel() == 0 or y.shape[0] == 0):
             return output.sum() * 0.0
         value = fn(out, y)
@@ -612,6 +667,56 @@ class Task:
                 f"{type(value).__name__}{'' if not isinstance(value, Tensor) else f' of shape {tuple(value.shape)}'}."
             )
         return value.reshape(())
+
+    # ----------------------------------------------------------------------------------- units
+    def _scale(self, like: Tensor) -> tuple[Tensor, Tensor] | None:
+        if self.target_mean is None:
+            return None
+        mean = torch.as_tensor(self.target_mean, dtype=like.dtype, device=like.device)
+        std = torch.as_tensor(self.target_std, dtype=like.dtype, device=like.device)
+        return mean, std
+
+    def standardise(self, target: Tensor) -> Tensor:
+        """Regression targets ``[B]`` or ``[B, D]`` in the head's units, ``(y - mean) / std``
+        (unchanged without ``target_mean``)."""
+        scale = self._scale(target)
+        return target if scale is None else (target - scale[0]) / scale[1]
+
+    def original_units(self, output: Tensor) -> Tensor:
+        """A regression head's output ``[B, D]`` in the targets' units, ``output * std + mean``
+        (unchanged without ``target_mean``)."""
+        scale = self._scale(output)
+        return output if scale is None else output * scale[1] + scale[0]
+
+    def predict(self, output: Tensor) -> Tensor:
+        """What the head's output ``[B, output_size]`` predicts, in the labels' coding.
+
+        Returns:
+            multiclass ``[B]`` class codes (``class_names[code]`` names them); binary ``[B]`` 0/1;
+            multilabel ``[B, C]`` 0/1; regression ``[B, D]`` in the targets' units; segmentation
+            ``[B, H, W]`` classes; other kinds the output as it is.
+        """
+        output = output.detach()
+        if self.kind in ("multiclass", "segmentation"):
+            return output.argmax(dim=1)
+        if self.kind == "binary":
+            return (output.reshape(-1) > 0).long()
+        if self.kind == "multilabel":
+            return (output > 0).long()
+        if self.kind == "regression":
+            return self.original_units(output.reshape(output.shape[0], -1))
+        return output
+
+    def probabilities(self, output: Tensor) -> Tensor:
+        """Class probabilities: multiclass ``[B, C]`` (softmax), binary ``[B]`` (of class 1),
+        multilabel ``[B, C]`` (sigmoid)."""
+        if self.kind == "multiclass":
+            return output.detach().softmax(dim=1)
+        if self.kind == "binary":
+            return output.detach().reshape(-1).sigmoid()
+        if self.kind == "multilabel":
+            return output.detach().sigmoid()
+        raise ValueError(f"Task '{self.name}' of kind '{self.kind}' has no class probabilities.")
 
     # ----------------------------------------------------------------------------------- head
     def build_head(self, in_size: int) -> nn.Module | None:
@@ -676,6 +781,8 @@ class Task:
         """
         if not self.metrics.is_default:
             out, y = self.labelled(output.detach(), target)
+            if self.kind == "regression":
+                out = self.original_units(out)
             return None if out.shape[0] == 0 else (out, y)
         if self.kind in DENSE_KINDS:
             if not bool(self.pixel_mask(target).any()):
@@ -691,7 +798,7 @@ class Task:
             return out.reshape(-1).sigmoid(), y.reshape(-1).long()
         if self.kind == "multilabel":
             return out.sigmoid(), y.reshape(out.shape).long()
-        return out.reshape(-1).float(), y.reshape(-1).to(out.dtype).float()
+        return self.original_units(out).reshape(-1).float(), y.reshape(-1).to(out.dtype).float()
 
     def to_dict(self) -> dict[str, Any]:
         """The plain-data form of the task (``dataclasses.asdict``); ``Task(**d)`` rebuilds it."""

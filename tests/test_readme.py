@@ -41,7 +41,7 @@ NOT_RUN = {
 LIMITS = ["debug=limit", "logger=csv"]
 #: smaller data for the datasets the README's commands use (by the data config's name)
 SMALL_DATA = {
-    "multidigits": ["data.n_train=256", "data.n_val=64", "data.n_test=64", "data.batch_size=32", "data.label_budget.sum=64"],
+    "multidigits": ["data.n_train=256", "data.n_val=64", "data.n_test=64", "data.batch_size=32", "++data.label_budget.sum=64"],
     "synthetic": ["data.n_train=256", "data.n_val=64", "data.n_test=64"],
     "scenes": ["data.n_train=32", "data.n_val=16", "data.n_test=16", "data.batch_size=8"],
 }
@@ -70,8 +70,11 @@ def _inline(text: str) -> list[tuple[int, str]]:
     out = []
     for number, line in enumerate(text.splitlines(), 1):
         for span in re.findall(r"`((?:mtl-[a-z]+|python -m mtl\.[a-z]+|make [a-z-]+)(?: [^`]*)?)`", line):
-            if not re.search(r"<|\.\.\.|\[--", span):  # placeholders are not commands
-                out.append((number, span))
+            if re.search(r"<|\.\.\.|\[--", span):  # placeholders are not commands
+                continue
+            if " " not in span and span != "mtl-train":  # the name of a tool, not a command
+                continue
+            out.append((number, span))
     return out
 
 
@@ -130,7 +133,7 @@ def _small_sweep(overrides: list[str]) -> list[str]:
     return out
 
 
-def mtl_train_argv(argv: list[str], workdir: Path) -> list[str]:
+def mtl_train_argv(argv: list[str], workdir: Path, name: str = "sweep") -> list[str]:
     """A README ``mtl-train`` command with the test's limits, small data and a sweep directory."""
     args = argv[1:] if argv[0] == "mtl-train" else argv[3:]  # python -m mtl.train
     if "--cfg" in args:
@@ -141,7 +144,7 @@ def mtl_train_argv(argv: list[str], workdir: Path) -> list[str]:
     if any(a.startswith("hparams_search=") for a in args):
         extra.append("hydra.sweeper.n_trials=2")
     if multirun and not any(a.startswith("hydra.sweep.dir=") for a in args):
-        extra.append(f"hydra.sweep.dir={workdir / 'outputs' / 'sweep'}")
+        extra.append(f"hydra.sweep.dir={workdir / 'outputs' / name}")
     given = {a.split("=", 1)[0].lstrip("+") for a in args if "=" in a}
     return args + [e for e in extra if e.split("=", 1)[0] not in given]
 
@@ -165,7 +168,12 @@ def run_command(argv: list[str], workdir: Path) -> None:
     if head in ("mtl-train", "python -m mtl.train"):
         from mtl.train import main
 
-        _call(main, ["mtl-train", *mtl_train_argv(argv, workdir)])
+        args = mtl_train_argv(argv, workdir, name=f"sweep_{len(list(workdir.glob('outputs/sweep_*')))}")
+        _call(main, ["mtl-train", *args])
+        sweep = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.sweep.dir=")), None)
+        if "-m" in args and sweep:
+            failed = sorted(str(p.parent) for p in (workdir / sweep).rglob("error.txt"))
+            assert not failed, f"jobs of the multirun failed: {failed}: {(workdir / failed[0] / 'error.txt').read_text()[-3000:]}"
     elif head == "mtl-eval":
         from mtl.eval import main
 
@@ -217,4 +225,5 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
     assert len(ran) >= 20, ran
     # the run the README's mtl-eval command evaluates was made by its mtl-train command
     assert (tmp_path / "outputs" / "my_run" / "results.json").is_file()
-    assert list((tmp_path / "outputs" / "my_run" / "stages" / "finetune" / "checkpoints").glob("eval_best/eval_results.json"))
+    # (its later rerun_from=finetune moved that stage, with the evaluation, under replaced/)
+    assert list((tmp_path / "outputs" / "my_run").rglob("eval_best/eval_results.json"))

@@ -77,3 +77,44 @@ def test_bad_task_specs():
         tasks_from_config({"a": {"kind": "multiclass", "num_classes": 3, "colour": "red"}})
     tasks = tasks_from_config({"a": {"num_classes": 3}, "r": {"kind": "regression"}})
     assert tasks["a"].metric == "acc" and tasks["r"].metric == "mae" and math.isclose(tasks["r"].weight, 1.0)
+
+
+def test_class_names_give_num_classes_and_are_checked():
+    task = Task("c", kind="multiclass", class_names=["blue", "green", "red"])
+    assert task.num_classes == 3 and Task(**task.to_dict()).class_names == ["blue", "green", "red"]
+    binary = Task("b", kind="binary", class_names=["no", "yes"])
+    assert binary.predict(torch.tensor([[2.0], [-1.0]])).tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"2 class_names \['a', 'b'\] for 3 classes"):
+        Task("c", kind="multiclass", num_classes=3, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="repeat a name"):
+        Task("c", kind="multiclass", class_names=["a", "a"])
+    with pytest.raises(ValueError, match="class_names are for multiclass, binary and multilabel"):
+        Task("r", kind="regression", class_names=["a", "b"])
+
+
+def test_standardised_regression_trains_on_z_scores_and_reports_original_units():
+    task = Task("p", kind="regression", target_mean=1000.0, target_std=50.0)
+    y = torch.tensor([1000.0, 1100.0, float("nan")])
+    out = torch.tensor([[0.0], [2.0], [7.0]])  # the head predicts (y - mean) / std
+    assert task.loss(out, y).item() == pytest.approx(0.0)
+    pred, target = task.metric_inputs(out, y)
+    assert pred.tolist() == [1000.0, 1100.0] and target.tolist() == [1000.0, 1100.0]
+    assert task.predict(out)[:, 0].tolist() == [1000.0, 1100.0, 1350.0]
+    seen = []
+    custom = Task("q", kind="regression", target_mean=1000.0, target_std=50.0, loss=lambda o, t: seen.append(t) or (o - t).abs().mean())
+    custom.loss(out, y)
+    assert seen[0].tolist() == [0.0, 2.0]  # your loss gets standardised targets too
+    saved = Task(**task.to_dict())
+    assert (saved.target_mean, saved.target_std) == (1000.0, 50.0)
+    assert Task("r", kind="regression").predict(out)[:, 0].tolist() == [0.0, 2.0, 7.0]  # default: no scaling
+
+
+def test_bad_target_scales_are_refused():
+    with pytest.raises(ValueError, match="set both target_mean and target_std"):
+        Task("r", kind="regression", target_mean=1.0)
+    with pytest.raises(ValueError, match=r"target_std=\[0.0\] must be finite and > 0"):
+        Task("r", kind="regression", target_mean=1.0, target_std=0.0)
+    with pytest.raises(ValueError, match="are for regression tasks"):
+        Task("c", kind="binary", target_mean=1.0, target_std=2.0)
+    with pytest.raises(ValueError, match="has 3 values for 2 outputs"):
+        Task("r", kind="regression", out_features=2, target_mean=[1.0, 2.0, 3.0], target_std=1.0)

@@ -85,7 +85,11 @@ class Stage:
     def __post_init__(self) -> None:
         where = f"schedule.stages.{self.name}"
         if self.tasks is not None and len(self.tasks) == 0:
-            raise ValueError(f"{where}.tasks is empty; name at least one task (or null for all).")
+            raise ValueError(
+                f"{where}.tasks is empty; name at least one task (or null for all). A transfer or combined "
+                f"schedule takes its stages' tasks from the data's roles: set data.source_tasks=[...] and "
+                f"data.target_tasks=[...], or use schedule=multitask for one stage on every task."
+            )
         if self.mode not in MODES:
             raise ValueError(f"{where}.mode must be 'min' or 'max', got '{self.mode}'.")
         if not 0.0 <= float(self.alpha) <= 1.0:
