@@ -199,8 +199,7 @@ class MultiTaskModule(pl.LightningModule):
                 task = self.tasks[t]
                 if check:
                     task.check_targets(y)
-                losses[t] = task.loss(outputs[t], y)
-                pair = task.metric_inputs(outputs[t], y) if split is not None else None
+                losses[t], pair = task.loss_and_metric_inputs(outputs[t], y, metrics=split is not None)
                 if pair is not None:
                     self.metrics[f"{split}_metrics"][t].update(*pair)
                     self.metrics[f"{split}_loss"][t].update(losses[t].detach(), pair[0].shape[0])

@@ -643,16 +643,35 @@ class Task:
             if self.kind == "depth":
                 return depth_loss(output, target)
             return normal_loss(output, target)
-        mask = self.label_mask(target)
-        if not bool(mask.any()):
-            return output.sum() * 0.0
-        out, y = output[mask], target[mask]
+        return self._vector_loss(output, target, self.label_mask(target))
+
+    def _vector_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """The built-in loss of a per-example kind: the mean over the labelled rows (``mask``
+        ``[B]``), as a masked sum so that it needs no host sync (and is 0, with a graph, when no
+        row is labelled)."""
+        count = mask.sum()
         if self.kind == "multiclass":
-            return F.cross_entropy(out, y.long())
-        y = y.reshape(out.shape).to(out.dtype)
+            # unlabelled rows hold ignore_index, which cross_entropy skips
+            return F.cross_entropy(output, target.long(), ignore_index=self.ignore_index, reduction="sum") / count.clamp_min(1)
+        rows = mask.reshape(-1, *([1] * (output.dim() - 1)))
+        y = torch.where(rows, target.reshape(output.shape).to(output.dtype), 0.0)
         if self.kind in ("binary", "multilabel"):
-            return F.binary_cross_entropy_with_logits(out, y)
-        return F.mse_loss(out, self.standardise(y))
+            per_element = F.binary_cross_entropy_with_logits(output, y, reduction="none")
+        else:
+            per_element = F.mse_loss(output, self.standardise(y), reduction="none")
+        width = output[0].numel() if output.shape[0] else 1
+        return torch.where(rows, per_element, 0.0).sum() / (count * width).clamp_min(1)
+
+    def loss_and_metric_inputs(
+        self, output: Tensor, target: Tensor, metrics: bool = True
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """``(task.loss(output, target), task.metric_inputs(output, target))`` with one label mask
+        for both: what a training or evaluation step needs (``metrics=False``: the pair is None)."""
+        if self.kind in DENSE_KINDS or self.kind == "custom" or not (self.loss.is_default and self.metrics.is_default):
+            return self.loss(output, target), (self.metric_inputs(output, target) if metrics else None)
+        mask = self.label_mask(target)
+        loss = self._vector_loss(output, target, mask)
+        return loss, (self._vector_metric_inputs(output, target, mask) if metrics else None)
 
     def _user_loss(self, fn: Callable, output: Tensor, target: Tensor) -> Tensor:
         out, y = self.labelled(output, target)
@@ -788,7 +807,9 @@ class Task:
             if not bool(self.pixel_mask(target).any()):
                 return None
             return output.detach(), target
-        mask = self.label_mask(target)
+        return self._vector_metric_inputs(output, target, self.label_mask(target))
+
+    def _vector_metric_inputs(self, output: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor] | None:
         if not bool(mask.any()):
             return None
         out, y = output[mask].detach(), target[mask]
