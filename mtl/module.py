@@ -398,7 +398,10 @@ class MultiTaskModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": self.monitor}}
+        config = {"scheduler": scheduler, "interval": "epoch"}
+        if self.automatic_optimization:  # under manual optimization the module steps it (and reads the monitor) itself
+            config["monitor"] = self.monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         self.finetuning.step(optimizer, self.current_epoch, optimizer_closure)
