@@ -3,6 +3,10 @@
 Usage::
 
     python scripts/bench_balancers.py [--quick] [--device cpu|cuda] [--out FILE]
+        [--tasks T ...] [--methods NAME ...] [--spaces params|representation ...]
+
+``--methods`` and ``--spaces`` time a subset (the references ``ew`` and ``loop_baseline`` always
+run; ``--methods`` names aggregators and loss weightings by class name, e.g. ``UPGrad FAMO``).
 
 Prints a JSON list of rows ``{"method", "space", "tasks", "ms_per_step", "ratio_vs_ew",
 "ratio_vs_ew_range", "ratio_vs_loop_baseline", "ratio_vs_loop_baseline_range", "peak_mb"}`` (a row whose method failed has ``"error"`` instead of timings) and writes
@@ -20,7 +24,8 @@ writing ``.grad`` + ``optimizer.step()``. Methods:
 * every gradient aggregator of ``mtl.balancing.aggregators`` in both spaces (``params``: Jacobian
   over the shared parameters; ``representation``: over the backbone's pooled output), with the
   engine's default ``method="auto"`` (``--jacobian-method`` to force ``loop`` or ``batched``); heads
-  get the gradient of the summed loss.
+  get the gradient of the summed loss. In the representation space ``auto`` computes ``J`` and the
+  heads' gradients in one backward pass (:func:`mtl.balancing.jacobian.representation_jacobian`).
 * every loss weighting of ``mtl.balancing.weightings`` (``params`` only: one backward of the
   weighted loss; GradNorm gets the last conv layer's weight; weightings that need the losses after
   the step recompute them, which counts in their time).
@@ -235,7 +240,7 @@ class Contender:
         return 1000 * (clock() - t0) / steps
 
 
-def run(task_counts, device, warmup, steps, rounds, log) -> list[dict]:
+def run(task_counts, device, warmup, steps, rounds, log, methods_filter=None, spaces=("params", "representation")) -> list[dict]:
     """Per ``T``: every contender warmed up, then ``rounds`` rounds in which each runs ``steps``
     steps in turn (the order rotates each round), so that all of them see the same machine load.
     A method's ``ms_per_step`` is its median over rounds; its ratios are the medians of the per-round
@@ -246,14 +251,19 @@ def run(task_counts, device, warmup, steps, rounds, log) -> list[dict]:
             ("ew", "params", lambda: (ew_step, [])),
             ("loop_baseline", "params", lambda: (loop_baseline_step, [])),
         ]
-        for space in ("params", "representation"):
+        for space in spaces:
             for name, cls in classes_of(aggregators):
+                if methods_filter and name not in methods_filter:
+                    continue
                 def build(cls=cls, space=space):
                     agg = cls(num_tasks=T).to(device)
                     return aggregator_step(agg, space), list(agg.parameters())
 
                 methods.append((name, space, build))
         for name, cls in classes_of(weightings):
+            if (methods_filter and name not in methods_filter) or "params" not in spaces:
+                continue
+
             def build_w(cls=cls):
                 wt = cls(num_tasks=T).to(device)
                 wt.train()
@@ -322,6 +332,11 @@ def main(argv=None) -> None:
         "--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU, see above)"
     )
     parser.add_argument("--jacobian-method", default="auto", choices=["auto", "loop", "batched"])
+    parser.add_argument("--methods", nargs="+", default=None, help="only these aggregators / weightings (class names)")
+    parser.add_argument(
+        "--spaces", nargs="+", default=["params", "representation"], choices=["params", "representation"],
+        help="aggregators in these spaces only (weightings run with params)",
+    )
     args = parser.parse_args(argv)
     global JACOBIAN_METHOD
     JACOBIAN_METHOD = args.jacobian_method
@@ -344,7 +359,10 @@ def main(argv=None) -> None:
         f"warmup={warmup} steps={steps} rounds={rounds} threads={torch.get_num_threads()} torch={torch.__version__}",
         file=sys.stderr,
     )
-    rows = run(task_counts, device, warmup, steps, rounds, log=lambda s: print(s, file=sys.stderr, flush=True))
+    rows = run(
+        task_counts, device, warmup, steps, rounds, log=lambda s: print(s, file=sys.stderr, flush=True),
+        methods_filter=set(args.methods) if args.methods else None, spaces=tuple(args.spaces),
+    )
     text = json.dumps(rows, indent=1)
     print(text)
     if args.out is not None:

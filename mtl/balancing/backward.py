@@ -44,6 +44,7 @@ from mtl.balancing.jacobian import (
     gather_representation_jacobian,
     reduce_jacobian,
     representation_backward,
+    representation_jacobian,
     unscale,
     write_gradient,
 )
@@ -122,7 +123,14 @@ def balanced_backward(
     else:
         inputs = shared_params
     scaled = losses if loss_scale is None else losses * loss_scale
-    J = engine.jacobian(scaled, inputs)
+    fused = None
+    if representation and engine.method == "auto":
+        # J and the heads' gradients in one backward pass, where the heads' graphs are disjoint
+        fused = representation_jacobian(losses, reps, task_params, seed=loss_scale)
+    if fused is not None:
+        J = fused
+    else:
+        J = engine.jacobian(scaled, inputs)
     finite = None
     if loss_scale is not None:
         J, finite = unscale(J, loss_scale, zero_nonfinite=True)
@@ -137,7 +145,12 @@ def balanced_backward(
     # the graph is kept for the extra term, which may read the same outputs and representations
     keep = extra_term is not None and extra_term.requires_grad
     # heads (and task-specific sharing parts) get their own task's gradient: d(sum_t L_t)/d theta_t
-    if task_params:
+    if fused is not None:
+        if task_term is not None and task_term.requires_grad and task_params:
+            term = task_term if loss_scale is None else task_term * loss_scale
+            torch.autograd.backward(term, inputs=task_params, retain_graph=True)
+        all_reduce_gradients(task_params, average=True)
+    elif task_params:
         own = scaled.sum()
         if task_term is not None and task_term.requires_grad:
             own = own + (task_term if loss_scale is None else task_term * loss_scale)

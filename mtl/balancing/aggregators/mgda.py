@@ -24,8 +24,9 @@ class MGDA(GradientAggregator):
     :math:`n_t = L_t`, ``loss+`` :math:`n_t = L_t \|g_t\|`). As in that code the weights found on
     the normalised gradients are applied to the raw ones, and they sum to one.
 
-    Solver: exact active set on the Gramian (:func:`~mtl.balancing.solvers.min_norm_simplex`)
-    instead of the paper's Frank-Wolfe iterations; both converge to the same point.
+    Solver: exact, on the Gramian (:func:`~mtl.balancing.solvers.min_norm_simplex`: block
+    principal pivoting for ``T > 16``, the active set otherwise and as its fallback) instead of the
+    paper's Frank-Wolfe iterations; both converge to the same point.
 
     Args:
         num_tasks: number of tasks ``T``.

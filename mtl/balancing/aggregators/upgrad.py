@@ -32,7 +32,8 @@ class UPGrad(GradientAggregator):
     added before solving (so the guarantee holds up to :math:`J g \ge -\text{reg\_eps}\,
     \operatorname{tr}(G)\, w`); the QPs are solved exactly by
     :func:`~mtl.balancing.solvers.dual_cone_weights_batched` (the T problems share ``G`` and are
-    solved together, in one batched active-set pass).
+    solved together by block principal pivoting: a few batched face solves, checked against the
+    KKT conditions, with the active set as the fallback).
 
     Args:
         num_tasks: number of tasks ``T``.
