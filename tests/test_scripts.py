@@ -50,3 +50,12 @@ def test_bench_solvers_quick(tmp_path):
 def test_dense_baselines_small(tmp_path):
     rows = run_script("dense_baselines.py", "--n-train", "16", "--n-test", "8", "--size", "16", cwd=tmp_path)
     assert rows
+
+
+def test_bench_gpu_runs_its_checks_on_a_cpu(tmp_path):
+    out = run_script("bench_gpu.py", "--device", "cpu", "--quick", cwd=tmp_path)
+    assert [r.get("precision") for r in out if r["check"] == "throughput"] == ["32-true", "bf16-mixed"]
+    rows = {r["check"]: r for r in out}
+    assert set(rows) == {"throughput", "mixed_precision", "compile", "host_syncs"}
+    assert rows["mixed_precision"]["upgrad_representation"]["finite"]
+    assert rows["compile"]["ew"]["status"] in ("ok", "error")

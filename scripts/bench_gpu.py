@@ -1,0 +1,246 @@
+"""The GPU path in one run: throughput and framework overhead, bf16, torch.compile, host syncs.
+
+Prepared for a GPU machine (``python scripts/bench_gpu.py``, a few minutes); ``--device cpu
+--quick`` runs the same code on a CPU in seconds (that is how the test suite checks it). Prints
+one JSON row per check:
+
+- ``throughput``: images per second of a ResNet-18 backbone (3x32x32 inputs, batch 256, three
+  10-class heads, AdamW, EW) trained by ``MultiTaskModule`` under a ``pl.Trainer`` and by a
+  hand-written loop doing the same work (same model copy, batches, optimizer, per-task
+  torchmetrics), alternated epoch by epoch in one process; wall time with the device synchronised
+  at epoch boundaries. ``ratio`` = framework / loop epoch time (median, min-max over epochs), at
+  ``32-true`` and ``bf16-mixed``.
+- ``mixed_precision``: UPGrad in the representation space and PCGrad in the parameter space
+  under ``bf16-mixed`` train to finite losses and finite weights.
+- ``compile``: ``torch.compile`` of the backbone, trained with EW and with UPGrad (representation
+  space); ``ok`` or the error it raised.
+- ``host_syncs``: synchronising CUDA calls per training step (``torch.cuda.set_sync_debug_mode``)
+  of EW and of UPGrad (representation space); CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+import torchmetrics  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from mtl import MultiTaskModel, MultiTaskModule, Task  # noqa: E402
+from mtl.backbones import ResNet  # noqa: E402
+from mtl.balancing import PCGrad, UPGrad  # noqa: E402
+from mtl.balancing.jacobian import JacobianEngine  # noqa: E402
+from mtl.data.base import ArrayDataset, collate_batch  # noqa: E402
+from mtl.train import quiet_lightning  # noqa: E402
+
+TASKS = ("a", "b", "c")
+
+
+def make_loader(n: int, batch: int, size: int = 32) -> DataLoader:
+    """Random images ``[n, 3, size, size]`` whose labels depend on them (so a model can learn)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g)
+    pooled = x.mean(dim=(2, 3))
+    labels = {t: ((pooled[:, i % 3] * (i + 2)).floor().long() % 10) for i, t in enumerate(TASKS)}
+    return DataLoader(ArrayDataset(x, labels), batch_size=batch, shuffle=False, collate_fn=collate_batch,
+                      pin_memory=torch.cuda.is_available())
+
+
+def make_model(width: int) -> MultiTaskModel:
+    torch.manual_seed(0)
+    return MultiTaskModel(ResNet(input_shape=(3, 32, 32), depth=18, width=width), [Task(t, num_classes=10) for t in TASKS])
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class HandWrittenLoop:
+    """One epoch without the framework: forward (autocast for bf16), per-task losses and metrics,
+    backward, step."""
+
+    def __init__(self, model: MultiTaskModel, loader: DataLoader, device: str, precision: str) -> None:
+        self.model = model.to(device)
+        self.loader, self.device, self.precision = loader, device, precision
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.metrics = {t: task.make_metrics().to(device) for t, task in model.tasks.items()}
+        self.losses = {t: torchmetrics.MeanMetric().to(device) for t in model.tasks}
+
+    def epoch(self) -> int:
+        self.model.train()
+        steps = 0
+        kind = "cuda" if self.device.startswith("cuda") else "cpu"
+        for x, ys in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            ys = {t: y.to(self.device, non_blocking=True) for t, y in ys.items()}
+            with torch.autocast(kind, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
+                outputs = self.model(x)
+            total = 0.0
+            for t, y in ys.items():
+                task = self.model.tasks[t]
+                loss, (pred, target) = task.loss_and_metric_inputs(outputs[t].float(), y)
+                self.metrics[t].update(pred, target)
+                self.losses[t].update(loss.detach(), pred.shape[0])
+                total = total + loss
+            self.optimizer.zero_grad()
+            total.backward()
+            self.optimizer.step()
+            steps += 1
+        for t in self.metrics:
+            self.metrics[t].compute(), self.losses[t].compute()
+            self.metrics[t].reset(), self.losses[t].reset()
+        return steps
+
+
+class Alternate(pl.Callback):
+    """Runs and times one hand-written epoch before each framework epoch (wall time, synchronised)."""
+
+    def __init__(self, loop: HandWrittenLoop, device: str) -> None:
+        self.loop, self.device = loop, device
+        self.framework: list[float] = []
+        self.hand: list[float] = []
+        self.steps = 0
+        self._start: float | None = None
+
+    def _now(self) -> float:
+        _sync(self.device)
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._start is not None:
+            self.framework.append(self._now() - self._start)
+        start = self._now()
+        self.steps = self.loop.epoch()
+        self.hand.append(self._now() - start)
+        self._start = self._now()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.framework.append(self._now() - self._start)
+
+
+def _trainer(device: str, precision: str, epochs: int, steps: int | None = None, callbacks=()) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, precision=precision,
+        max_epochs=epochs, limit_train_batches=steps, limit_val_batches=0, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
+
+
+def throughput(device: str, precision: str, epochs: int, n: int, batch: int, width: int) -> dict:
+    loader = make_loader(n, batch)
+    model = make_model(width)
+    timer = Alternate(HandWrittenLoop(copy.deepcopy(model), loader, device, precision), device)
+    module = MultiTaskModule(model, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    _trainer(device, precision, epochs + 1, callbacks=[timer]).fit(module, loader)
+    fw, hw = timer.framework[1:], timer.hand[1:]  # the first epoch of each warms up
+    ratios = [f / h for f, h in zip(fw, hw)]
+    images = timer.steps * batch
+    return {
+        "check": "throughput", "precision": precision, "batch": batch, "width": width,
+        "framework_images_per_s": round(images / statistics.median(fw), 1),
+        "loop_images_per_s": round(images / statistics.median(hw), 1),
+        "ratio": round(statistics.median(ratios), 3), "ratio_min": round(min(ratios), 3),
+        "ratio_max": round(max(ratios), 3), "epochs": len(fw), "steps_per_epoch": timer.steps,
+    }
+
+
+def _train_steps(device: str, precision: str, balancer, space: str, steps: int, compile_backbone: bool = False) -> dict:
+    loader = make_loader(steps * 32, 32)
+    model = make_model(16)
+    if compile_backbone:
+        model.backbone = torch.compile(model.backbone)
+    module = MultiTaskModule(model, balancer=balancer, engine=JacobianEngine(space=space) if balancer is not None else None)
+    trainer = _trainer(device, precision, 1, steps)
+    trainer.fit(module, loader)
+    loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return {"train_loss": round(loss, 4), "finite": finite and loss == loss}
+
+
+def mixed_precision(device: str, steps: int) -> dict:
+    rows = {}
+    for name, make, space in (("upgrad_representation", UPGrad, "representation"), ("pcgrad_params", PCGrad, "params")):
+        rows[name] = _train_steps(device, "bf16-mixed", make(len(TASKS)), space, steps)
+    return {"check": "mixed_precision", "precision": "bf16-mixed", **rows}
+
+
+def compiled(device: str, steps: int) -> dict:
+    rows = {}
+    for name, balancer, space in (("ew", None, "params"), ("upgrad_representation", UPGrad(len(TASKS)), "representation")):
+        try:
+            rows[name] = {"status": "ok", **_train_steps(device, "32-true", balancer, space, steps, compile_backbone=True)}
+        except Exception as err:  # the point of the check: say what fails, do not stop the others
+            rows[name] = {"status": "error", "error": f"{type(err).__name__}: {str(err)[:300]}"}
+    return {"check": "compile", **rows}
+
+
+def host_syncs(device: str, steps: int) -> dict:
+    if not device.startswith("cuda"):
+        return {"check": "host_syncs", "skipped": "needs CUDA"}
+    rows = {}
+    for name, balancer, space in (("ew", None, "params"), ("upgrad_representation", UPGrad(len(TASKS)), "representation")):
+        loader = make_loader(steps * 32, 32)
+        module = MultiTaskModule(make_model(16), balancer=balancer,
+                                 engine=JacobianEngine(space=space) if balancer is not None else None)
+        counter = SyncCounter()
+        trainer = _trainer(device, "32-true", 1, steps, callbacks=[counter])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, loader)
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        rows[name] = {"syncs_per_step": round(len(syncs) / max(counter.steps, 1), 2),
+                      "where": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})[:20]}
+    return {"check": "host_syncs", **rows}
+
+
+class SyncCounter(pl.Callback):
+    """Turns CUDA's sync warnings on for the training steps only (not setup or epoch ends)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self.steps += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds on a CPU)")
+    args = parser.parse_args(argv)
+    quiet_lightning()
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    if args.quick:
+        sizes = dict(epochs=2, n=64, batch=32, width=8)
+        steps = 2
+    else:
+        sizes = dict(epochs=5, n=256 * 40, batch=256, width=64)
+        steps = 20
+    for precision in ("32-true", "bf16-mixed"):
+        print(json.dumps(throughput(args.device, precision, **sizes)), flush=True)
+    print(json.dumps(mixed_precision(args.device, steps)), flush=True)
+    print(json.dumps(compiled(args.device, steps)), flush=True)
+    print(json.dumps(host_syncs(args.device, steps)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
