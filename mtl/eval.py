@@ -10,6 +10,8 @@ are built (modules for the model, DataModules for the data).
 
 from __future__ import annotations
 
+import copy
+
 import inspect
 import logging
 import shutil
@@ -20,7 +22,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 import pytorch_lightning as pl
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from mtl.module import MultiTaskModule
@@ -120,6 +122,35 @@ def load_module(path: str | Path, map_location: str = "cpu") -> MultiTaskModule:
     return module.to(map_location).eval()
 
 
+#: what a task learned from its training data, kept from the checkpoint when the data is read again
+LEARNED_TASK_FIELDS = ("class_names", "target_mean", "target_std")
+
+
+def pin_learned_task_fields(data_cfg: DictConfig, task_specs: Mapping[str, Mapping]) -> DictConfig:
+    """The data config with each declared task's label coding and target scale taken from the
+    checkpoint's task spec, so the data being evaluated (possibly another file) is coded and scaled
+    as the training data was, not estimated again."""
+    data_cfg = copy.deepcopy(data_cfg)
+    declared = data_cfg.get("tasks") if isinstance(data_cfg, DictConfig) else None
+    if not declared:
+        return data_cfg
+    with open_dict(data_cfg):
+        for name, spec in task_specs.items():
+            if name in declared and declared[name] is not None:
+                for field in LEARNED_TASK_FIELDS:
+                    if spec.get(field) is not None:
+                        declared[name][field] = spec[field]
+    return data_cfg
+
+
+def pin_preprocessing(datamodule: Any, checkpoint: Mapping[str, Any]) -> None:
+    """Give ``datamodule`` the checkpoint's saved DataModule state (a CSV's feature scaling) before
+    it reads its files, so they are scaled as the training data was."""
+    state = checkpoint.get(type(datamodule).__qualname__)
+    if state and hasattr(datamodule, "load_state_dict") and not getattr(datamodule, "splits", None):
+        datamodule.load_state_dict(state)
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Test the checkpoint ``cfg.ckpt_path``; returns ``{"stages": {"eval": {...}}}`` results."""
     ckpt = Path(cfg.ckpt_path)
@@ -130,7 +161,8 @@ def evaluate(cfg: DictConfig) -> dict:
     source, where = model_source(cfg, obj, ckpt)
     print(f"Model and data config from {where}")
     pl.seed_everything(source.get("seed", 0), workers=True)
-    datamodule = instantiate_data(source.data)
+    datamodule = instantiate_data(pin_learned_task_fields(source.data, meta["tasks"]))
+    pin_preprocessing(datamodule, obj)
     # the data's own Task objects where it declares them (a custom head or loss given as an object
     # is saved as a placeholder), else the checkpoint's plain-data spec
     tasks = {name: datamodule.tasks[name] if name in datamodule.tasks else Task(**spec) for name, spec in meta["tasks"].items()}

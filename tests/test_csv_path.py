@@ -256,3 +256,39 @@ def test_a_checkpoint_of_other_data_is_refused(tmp_path):
     new = write_rows(tmp_path / "new.csv", ["a"], [[1]])
     with pytest.raises(ValueError, match=r"trained on mtl.data.MultiDigitsDataModule, not on a CSV file.*mtl-eval"):
         predict_csv(ckpt, new)
+
+
+def test_mtl_eval_on_another_csv_codes_and_scales_it_as_training_did(trained, tmp_path):
+    """config_from=command data.path=<another labelled file>: the checkpoint's feature scaling, label
+    coding and target scale are used, not estimated again from that file."""
+    from mtl.eval import evaluate
+    from mtl.transfer.loading import load_checkpoint
+
+    ckpt, results, _ = trained
+    # other statistics, and only two of the three colours (a fresh coding would renumber them)
+    rows = [r for r in shop_rows(200, seed=3, shift=2.0, scale=1.5) if r[5] != "red"]
+    other = write_rows(tmp_path / "other.csv", HEADER, rows)
+    saved = load_checkpoint(ckpt, "ckpt")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("eval", overrides=[
+            f"ckpt_path={ckpt}", "config_from=command", "data=csv", f"data.path={other}",
+            "+data.tasks.price={kind: regression}", "+data.tasks.churn={kind: binary}",
+            "+data.tasks.colour={kind: multiclass}", "out_dir=" + str(tmp_path / "eval"),
+        ])
+    GlobalHydra.instance().clear()
+    import mtl.eval as mtl_eval
+
+    built = []
+    original = mtl_eval.instantiate_data
+    mtl_eval.instantiate_data = lambda node: built.append(original(node)) or built[-1]
+    try:
+        out = evaluate(cfg)
+    finally:
+        mtl_eval.instantiate_data = original
+    dm = built[0]
+    assert dm.state_dict()["feature_mean"] == saved["CSVDataModule"]["feature_mean"]
+    spec = saved["mtl"]["tasks"]
+    assert dm.tasks["colour"].class_names == spec["colour"]["class_names"] == ["blue", "green", "red"]
+    assert dm.tasks["price"].target_mean == spec["price"]["target_mean"]
+    assert 0 < out["stages"]["eval"]["tasks"]["price"]["test"]["mae"] < 500  # in the column's units
