@@ -35,7 +35,6 @@ if str(ROOT) not in sys.path:
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-import torchmetrics  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from mtl import MultiTaskModel, MultiTaskModule, Task  # noqa: E402
@@ -44,6 +43,9 @@ from mtl.balancing import PCGrad, UPGrad  # noqa: E402
 from mtl.balancing.jacobian import JacobianEngine  # noqa: E402
 from mtl.data.base import ArrayDataset, collate_batch  # noqa: E402
 from mtl.train import quiet_lightning  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_overhead import Alternate, HandWrittenLoop  # noqa: E402  (the same loop and alternation)
 
 TASKS = ("a", "b", "c")
 
@@ -63,74 +65,6 @@ def make_model(width: int) -> MultiTaskModel:
     return MultiTaskModel(ResNet(input_shape=(3, 32, 32), depth=18, width=width), [Task(t, num_classes=10) for t in TASKS])
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-class HandWrittenLoop:
-    """One epoch without the framework: forward (autocast for bf16), per-task losses and metrics,
-    backward, step."""
-
-    def __init__(self, model: MultiTaskModel, loader: DataLoader, device: str, precision: str) -> None:
-        self.model = model.to(device)
-        self.loader, self.device, self.precision = loader, device, precision
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
-        self.metrics = {t: task.make_metrics().to(device) for t, task in model.tasks.items()}
-        self.losses = {t: torchmetrics.MeanMetric().to(device) for t in model.tasks}
-
-    def epoch(self) -> int:
-        self.model.train()
-        steps = 0
-        kind = "cuda" if self.device.startswith("cuda") else "cpu"
-        for x, ys in self.loader:
-            x = x.to(self.device, non_blocking=True)
-            ys = {t: y.to(self.device, non_blocking=True) for t, y in ys.items()}
-            with torch.autocast(kind, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
-                outputs = self.model(x)
-            total = 0.0
-            for t, y in ys.items():
-                task = self.model.tasks[t]
-                loss, (pred, target) = task.loss_and_metric_inputs(outputs[t].float(), y)
-                self.metrics[t].update(pred, target)
-                self.losses[t].update(loss.detach(), pred.shape[0])
-                total = total + loss
-            self.optimizer.zero_grad()
-            total.backward()
-            self.optimizer.step()
-            steps += 1
-        for t in self.metrics:
-            self.metrics[t].compute(), self.losses[t].compute()
-            self.metrics[t].reset(), self.losses[t].reset()
-        return steps
-
-
-class Alternate(pl.Callback):
-    """Runs and times one hand-written epoch before each framework epoch (wall time, synchronised)."""
-
-    def __init__(self, loop: HandWrittenLoop, device: str) -> None:
-        self.loop, self.device = loop, device
-        self.framework: list[float] = []
-        self.hand: list[float] = []
-        self.steps = 0
-        self._start: float | None = None
-
-    def _now(self) -> float:
-        _sync(self.device)
-        return time.perf_counter()
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self._start is not None:
-            self.framework.append(self._now() - self._start)
-        start = self._now()
-        self.steps = self.loop.epoch()
-        self.hand.append(self._now() - start)
-        self._start = self._now()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.framework.append(self._now() - self._start)
-
-
 def _trainer(device: str, precision: str, epochs: int, steps: int | None = None, callbacks=()) -> pl.Trainer:
     return pl.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, precision=precision,
@@ -143,18 +77,20 @@ def _trainer(device: str, precision: str, epochs: int, steps: int | None = None,
 def throughput(device: str, precision: str, epochs: int, n: int, batch: int, width: int) -> dict:
     loader = make_loader(n, batch)
     model = make_model(width)
-    timer = Alternate(HandWrittenLoop(copy.deepcopy(model), loader, device, precision), device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    timer = Alternate(HandWrittenLoop(copy.deepcopy(model), loader, device, precision), clock=time.perf_counter, sync=sync)
     module = MultiTaskModule(model, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
     _trainer(device, precision, epochs + 1, callbacks=[timer]).fit(module, loader)
     fw, hw = timer.framework[1:], timer.hand[1:]  # the first epoch of each warms up
     ratios = [f / h for f, h in zip(fw, hw)]
-    images = timer.steps * batch
+    steps = timer.steps[0]
+    images = steps * batch
     return {
         "check": "throughput", "precision": precision, "batch": batch, "width": width,
         "framework_images_per_s": round(images / statistics.median(fw), 1),
         "loop_images_per_s": round(images / statistics.median(hw), 1),
         "ratio": round(statistics.median(ratios), 3), "ratio_min": round(min(ratios), 3),
-        "ratio_max": round(max(ratios), 3), "epochs": len(fw), "steps_per_epoch": timer.steps,
+        "ratio_max": round(max(ratios), 3), "epochs": len(fw), "steps_per_epoch": steps,
     }
 
 

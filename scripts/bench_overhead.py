@@ -53,26 +53,30 @@ def make_model(dm: MultiDigitsDataModule) -> MultiTaskModel:
 
 
 class HandWrittenLoop:
-    """The same epoch without the framework: forward, per-task losses and metrics, backward, step."""
+    """The same epoch without the framework: forward (under bf16 autocast for ``bf16-mixed``),
+    per-task losses and metrics from one label mask, backward, step (``scripts/bench_gpu.py`` runs
+    it on a GPU)."""
 
-    def __init__(self, model: MultiTaskModel, loader) -> None:
-        self.model = model
-        self.loader = loader
+    def __init__(self, model: MultiTaskModel, loader, device: str = "cpu", precision: str = "32-true") -> None:
+        self.model = model.to(device)
+        self.loader, self.device, self.precision = loader, device, precision
         self.tasks = dict(model.tasks)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        self.metrics = {t: task.make_metrics() for t, task in self.tasks.items()}
-        self.losses = {t: torchmetrics.MeanMetric() for t in self.tasks}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.metrics = {t: task.make_metrics().to(device) for t, task in self.tasks.items()}
+        self.losses = {t: torchmetrics.MeanMetric().to(device) for t in self.tasks}
 
     def epoch(self) -> int:
         self.model.train()
         steps = 0
+        autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed")
         for x, ys in self.loader:
-            outputs = self.model(x)
+            x = x.to(self.device, non_blocking=True)
+            ys = {t: y.to(self.device, non_blocking=True) for t, y in ys.items()}
+            with autocast:
+                outputs = self.model(x)
             total = 0.0
             for t, y in ys.items():
-                task = self.tasks[t]
-                loss = task.loss(outputs[t], y)
-                pred, target = task.metric_inputs(outputs[t], y)
+                loss, (pred, target) = self.tasks[t].loss_and_metric_inputs(outputs[t].float(), y)
                 self.metrics[t].update(pred, target)
                 self.losses[t].update(loss.detach(), pred.shape[0])
                 total = total + loss
@@ -90,25 +94,35 @@ class HandWrittenLoop:
 
 class Alternate(pl.Callback):
     """Runs and times one hand-written epoch before each framework epoch, and times each framework
-    epoch from its start to the next one's (so its epoch-end hooks and logging are counted)."""
+    epoch from its start to the next one's (so its epoch-end hooks and logging are counted).
 
-    def __init__(self, loop: HandWrittenLoop) -> None:
+    ``clock`` is CPU time by default; on a GPU, wall time with ``sync`` (the device synchronised)
+    called before each reading.
+    """
+
+    def __init__(self, loop: HandWrittenLoop, clock=time.process_time, sync=None) -> None:
         self.loop = loop
+        self.clock, self.sync = clock, sync
         self.framework: list[float] = []
         self.hand: list[float] = []
         self.steps: list[int] = []
         self._start: float | None = None
 
+    def _now(self) -> float:
+        if self.sync is not None:
+            self.sync()
+        return self.clock()
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self._start is not None:
-            self.framework.append(time.process_time() - self._start)
-        start = time.process_time()
+            self.framework.append(self._now() - self._start)
+        start = self._now()
         self.steps.append(self.loop.epoch())
-        self.hand.append(time.process_time() - start)
-        self._start = time.process_time()
+        self.hand.append(self._now() - start)
+        self._start = self._now()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.framework.append(time.process_time() - self._start)
+        self.framework.append(self._now() - self._start)
 
 
 def run(epochs: int, n_train: int) -> dict:
