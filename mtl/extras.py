@@ -52,16 +52,15 @@ def config_tree(cfg: DictConfig, order: Sequence[str] = TREE_ORDER) -> str:
     return buffer.getvalue()
 
 
-def apply_extras(cfg: DictConfig, run_dir: str | Path, echo=print) -> list[str]:
-    """Apply ``cfg.extras`` before a run; returns the run's tags."""
+def apply_extras(cfg: DictConfig, run_dir: str | Path, echo=print) -> None:
+    """Apply ``cfg.extras`` before a run (``enforce_tags`` is checked with the rest of the config,
+    by ``mtl.train.check_config``)."""
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
-    tags = check_tags(cfg.get("tags"), bool(extras.get("enforce_tags")))
     tree = config_tree(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config_tree.log").write_text(tree)
     if extras.get("print_config"):
         echo(tree)
-    return tags
