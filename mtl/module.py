@@ -26,6 +26,7 @@ from mtl.balancing.backward import balanced_backward
 from mtl.balancing.gramian import GramianEngine
 from mtl.balancing.jacobian import JacobianEngine
 from mtl.balancing.weightings.base import LossWeighting
+from mtl.metrics.rows import WeightedMean
 from mtl.model import MultiTaskModel
 from mtl.tasks import Task
 from mtl.transfer.alpha import AlphaSchedule, mixing_weights
@@ -157,7 +158,7 @@ class MultiTaskModule(pl.LightningModule):
         self.metrics = nn.ModuleDict(
             {
                 f"{split}_{kind}": nn.ModuleDict(
-                    {t: task.make_metrics() if kind == "metrics" else torchmetrics.MeanMetric() for t, task in self.tasks.items()}
+                    {t: task.make_metrics() if kind == "metrics" else WeightedMean() for t, task in self.tasks.items()}
                 )
                 for split in SPLITS
                 for kind in ("metrics", "loss")
@@ -199,10 +200,10 @@ class MultiTaskModule(pl.LightningModule):
                 task = self.tasks[t]
                 if check:
                     task.check_targets(y)
-                losses[t], pair = task.loss_and_metric_inputs(outputs[t], y, metrics=split is not None)
-                if pair is not None:
-                    self.metrics[f"{split}_metrics"][t].update(*pair)
-                    self.metrics[f"{split}_loss"][t].update(losses[t].detach(), pair[0].shape[0])
+                losses[t], update, count = task.loss_and_metric_inputs(outputs[t], y, metrics=split is not None)
+                if update is not None:
+                    self.metrics[f"{split}_metrics"][t].update(*update)
+                    self.metrics[f"{split}_loss"][t].update(losses[t].detach(), count)
         return losses
 
     def _check_batches(self) -> bool:
@@ -360,6 +361,11 @@ class MultiTaskModule(pl.LightningModule):
         for t in self.task_names:
             loss_metric, collection = self.metrics[f"{split}_loss"][t], self.metrics[f"{split}_metrics"][t]
             if loss_metric.update_count == 0:
+                continue
+            # no labelled example of the task in the split (on any rank): nothing to report
+            if not self.trainer.strategy.reduce(loss_metric.weight.clone(), reduce_op="sum") > 0:
+                loss_metric.reset()
+                collection.reset()
                 continue
             loss = loss_metric.compute()
             self.log(f"{split}/{t}/loss", loss)

@@ -68,6 +68,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from mtl.dense_losses import depth_loss, normal_loss, segmentation_loss
+from mtl.metrics.rows import BinaryScores, MulticlassScores, MultilabelScores, RegressionErrors
 from mtl.metrics.dense import (
     DENSE_METRIC_DIRECTIONS,
     DepthErrors,
@@ -664,14 +665,36 @@ class Task:
 
     def loss_and_metric_inputs(
         self, output: Tensor, target: Tensor, metrics: bool = True
-    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """``(task.loss(output, target), task.metric_inputs(output, target))`` with one label mask
-        for both: what a training or evaluation step needs (``metrics=False``: the pair is None)."""
+    ) -> tuple[Tensor, tuple | None, Tensor | int]:
+        """What a training or evaluation step needs, from one label mask: ``(loss, update, count)``.
+
+        ``loss`` is ``task.loss(output, target)``; ``metrics.update(*update)`` adds the batch to
+        :meth:`make_metrics`' collection (``update`` is None with ``metrics=False``, or when your
+        metrics see no labelled row); ``count`` is the number of labelled examples, the loss's
+        weight in the epoch's mean. For the built-in vector kinds nothing here waits for the
+        device: ``update`` is the whole batch with its label mask and ``count`` a tensor.
+        """
         if self.kind in DENSE_KINDS or self.kind == "custom" or not (self.loss.is_default and self.metrics.is_default):
-            return self.loss(output, target), (self.metric_inputs(output, target) if metrics else None)
+            loss = self.loss(output, target)
+            if not metrics:
+                return loss, None, 0
+            pair = self.metric_inputs(output, target)
+            return loss, pair, (0 if pair is None else pair[0].shape[0])
         mask = self.label_mask(target)
         loss = self._vector_loss(output, target, mask)
-        return loss, (self._vector_metric_inputs(output, target, mask) if metrics else None)
+        return loss, (self._masked_metric_inputs(output, target, mask) if metrics else None), mask.sum()
+
+    def _masked_metric_inputs(self, output: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(preds, target, mask)`` of the whole batch for the built-in vector metrics."""
+        out = output.detach()
+        if self.kind == "multiclass":
+            return out, target.long(), mask
+        if self.kind == "binary":
+            return out.reshape(-1).sigmoid(), target.reshape(-1), mask
+        if self.kind == "multilabel":
+            return out.sigmoid(), target.reshape(out.shape), mask
+        out = self.original_units(out.reshape(out.shape[0], -1)).float()
+        return out, target.reshape(out.shape).to(out.dtype), mask
 
     def _user_loss(self, fn: Callable, output: Tensor, target: Tensor) -> Tensor:
         out, y = self.labelled(output, target)
@@ -761,28 +784,15 @@ class Task:
                 metric.reset()
                 fresh[name] = metric
             return torchmetrics.MetricCollection(fresh, compute_groups=False)
+        # the vector kinds' metrics update without a host sync (mtl.metrics.rows)
         if self.kind == "multiclass":
-            metrics = {
-                "acc": torchmetrics.Accuracy(task="multiclass", num_classes=self.num_classes),
-                "f1": torchmetrics.F1Score(
-                    task="multiclass", num_classes=self.num_classes, average="macro"
-                ),
-            }
+            metrics = {"scores": MulticlassScores(self.num_classes, self.ignore_index)}
         elif self.kind == "binary":
-            metrics = {
-                "acc": torchmetrics.Accuracy(task="binary"),
-                "auroc": torchmetrics.AUROC(task="binary"),
-            }
+            metrics = {"scores": BinaryScores()}
         elif self.kind == "multilabel":
-            metrics = {
-                "acc": torchmetrics.Accuracy(task="multilabel", num_labels=self.num_classes),
-                "auroc": torchmetrics.AUROC(task="multilabel", num_labels=self.num_classes),
-            }
+            metrics = {"scores": MultilabelScores(self.num_classes)}
         elif self.kind == "regression":
-            metrics = {
-                "mae": torchmetrics.MeanAbsoluteError(),
-                "rmse": torchmetrics.MeanSquaredError(squared=False),
-            }
+            metrics = {"errors": RegressionErrors()}
         elif self.kind == "segmentation":
             metrics = {"segmentation": SegmentationMetrics(self.num_classes, self.ignore_index)}
         elif self.kind == "depth":

@@ -7,15 +7,18 @@ one JSON row per check:
 - ``throughput``: images per second of a ResNet-18 backbone (3x32x32 inputs, batch 256, three
   10-class heads, AdamW, EW) trained by ``MultiTaskModule`` under a ``pl.Trainer`` and by a
   hand-written loop doing the same work (same model copy, batches, optimizer, per-task
-  torchmetrics), alternated epoch by epoch in one process; wall time with the device synchronised
+  metrics), alternated epoch by epoch in one process; wall time with the device synchronised
   at epoch boundaries. ``ratio`` = framework / loop epoch time (median, min-max over epochs), at
   ``32-true`` and ``bf16-mixed``.
 - ``mixed_precision``: UPGrad in the representation space and PCGrad in the parameter space
   under ``bf16-mixed`` train to finite losses and finite weights.
 - ``compile``: ``torch.compile`` of the backbone, trained with EW and with UPGrad (representation
   space); ``ok`` or the error it raised.
-- ``host_syncs``: synchronising CUDA calls per training step (``torch.cuda.set_sync_debug_mode``)
-  of EW and of UPGrad (representation space); CUDA only.
+- ``host_syncs``: per training step of EW and of UPGrad (representation space), the syncing
+  operations the dispatcher sees (``mtl.syncs.HostSyncCounter``) and, on CUDA, the synchronising
+  calls CUDA reports (``torch.cuda.set_sync_debug_mode``).
+- ``deterministic_metrics``: the built-in metrics' updates under
+  ``torch.use_deterministic_algorithms(True)`` (ok, or the error).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from mtl.balancing import PCGrad, UPGrad  # noqa: E402
 from mtl.balancing.jacobian import JacobianEngine  # noqa: E402
 from mtl.data.base import ArrayDataset, collate_batch  # noqa: E402
 from mtl.train import quiet_lightning  # noqa: E402
+from mtl.syncs import HostSyncCounter  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_overhead import Alternate, HandWrittenLoop  # noqa: E402  (the same loop and alternation)
@@ -125,35 +129,71 @@ def compiled(device: str, steps: int) -> dict:
 
 
 def host_syncs(device: str, steps: int) -> dict:
-    if not device.startswith("cuda"):
-        return {"check": "host_syncs", "skipped": "needs CUDA"}
+    """Per training step: the syncing operations the dispatcher sees (``mtl.syncs.HostSyncCounter``,
+    any device) and, on CUDA, the synchronising calls CUDA reports."""
     rows = {}
     for name, balancer, space in (("ew", None, "params"), ("upgrad_representation", UPGrad(len(TASKS)), "representation")):
         loader = make_loader(steps * 32, 32)
         module = MultiTaskModule(make_model(16), balancer=balancer,
                                  engine=JacobianEngine(space=space) if balancer is not None else None)
-        counter = SyncCounter()
+        counter = SyncCounter(cuda=device.startswith("cuda"))
         trainer = _trainer(device, "32-true", 1, steps, callbacks=[counter])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.fit(module, loader)
-        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-        rows[name] = {"syncs_per_step": round(len(syncs) / max(counter.steps, 1), 2),
-                      "where": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})[:20]}
+        row = {"dispatcher_syncs_per_step": round(counter.dispatch.total / max(counter.steps, 1), 2),
+               "dispatcher_where": sorted(counter.dispatch.where)[:10]}
+        if device.startswith("cuda"):
+            syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+            row.update(cuda_syncs_per_step=round(len(syncs) / max(counter.steps, 1), 2),
+                       cuda_where=sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})[:20])
+        rows[name] = row
     return {"check": "host_syncs", **rows}
 
 
-class SyncCounter(pl.Callback):
-    """Turns CUDA's sync warnings on for the training steps only (not setup or epoch ends)."""
+def deterministic_metrics(device: str) -> dict:
+    """The built-in vector metrics' updates (``scatter_add_`` of integers) under
+    ``torch.use_deterministic_algorithms(True)``: ok or the error."""
+    rows = {}
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "multiclass": (Task("m", num_classes=10), torch.randn(64, 10, generator=g), torch.randint(0, 10, (64,), generator=g)),
+        "binary": (Task("b", kind="binary"), torch.randn(64, 1, generator=g), (torch.rand(64, generator=g) > 0.5).float()),
+        "regression": (Task("r", kind="regression"), torch.randn(64, 1, generator=g), torch.randn(64, generator=g)),
+    }
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for kind, (task, out, y) in batch.items():
+            try:
+                metrics = task.make_metrics().to(device)
+                _, update, _ = task.loss_and_metric_inputs(out.to(device), y.to(device))
+                metrics.update(*update)
+                rows[kind] = {"status": "ok", **{k: round(float(v), 4) for k, v in metrics.compute().items()}}
+            except Exception as err:  # report, do not stop the other checks
+                rows[kind] = {"status": "error", "error": f"{type(err).__name__}: {str(err)[:300]}"}
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    return {"check": "deterministic_metrics", **rows}
 
-    def __init__(self) -> None:
-        self.steps = 0
+
+class SyncCounter(pl.Callback):
+    """Counts syncs in the training steps only (not setup or epoch ends): the dispatcher's count
+    always, CUDA's sync warnings on CUDA."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.steps, self.cuda = 0, cuda
+        self.dispatch = HostSyncCounter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        torch.cuda.set_sync_debug_mode("warn")
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        self.dispatch.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        torch.cuda.set_sync_debug_mode("default")
+        self.dispatch.__exit__(None, None, None)
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
         self.steps += 1
 
 
@@ -175,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(mixed_precision(args.device, steps)), flush=True)
     print(json.dumps(compiled(args.device, steps)), flush=True)
     print(json.dumps(host_syncs(args.device, steps)), flush=True)
+    print(json.dumps(deterministic_metrics(args.device)), flush=True)
     return 0
 
 

@@ -32,6 +32,7 @@ def test_bench_overhead_quick(tmp_path):
     rows = run_script("bench_overhead.py", "--quick", "--epochs", "2", cwd=tmp_path)
     row = rows[-1]
     assert row["ratio"] > 0 and row["framework_ms"] > 0 and row["loop_ms"] > 0
+    assert row["alternation"] == "step" and row["lightning"]["ratio"] > 0 and row["steps_per_epoch"] == 20
 
 
 @pytest.mark.slow
@@ -56,6 +57,8 @@ def test_bench_gpu_runs_its_checks_on_a_cpu(tmp_path):
     out = run_script("bench_gpu.py", "--device", "cpu", "--quick", cwd=tmp_path)
     assert [r.get("precision") for r in out if r["check"] == "throughput"] == ["32-true", "bf16-mixed"]
     rows = {r["check"]: r for r in out}
-    assert set(rows) == {"throughput", "mixed_precision", "compile", "host_syncs"}
+    assert set(rows) == {"throughput", "mixed_precision", "compile", "host_syncs", "deterministic_metrics"}
+    assert rows["host_syncs"]["ew"]["dispatcher_syncs_per_step"] == 0  # the EW step waits for nothing
+    assert all(r["status"] == "ok" for k, r in rows["deterministic_metrics"].items() if k != "check")
     assert rows["mixed_precision"]["upgrad_representation"]["finite"]
     assert rows["compile"]["ew"]["status"] in ("ok", "error")

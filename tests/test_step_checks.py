@@ -70,15 +70,81 @@ def test_one_mask_loss_and_metric_inputs_equal_the_definitions(kind):
     else:
         y = (torch.rand(8, task.output_size, generator=g) > 0.5).float().squeeze(-1)
         y[[1, 5]] = float("nan")
-    loss, pair = task.loss_and_metric_inputs(out, y)
+    loss, update, count = task.loss_and_metric_inputs(out, y)
     expected = _reference_loss(task, out, y)
     assert torch.allclose(loss, expected, rtol=1e-6, atol=1e-7)
     grad, = torch.autograd.grad(loss, out)
     grad_expected, = torch.autograd.grad(expected, out)
     assert torch.allclose(grad, grad_expected, atol=1e-7) and (grad[[1, 5]] == 0).all()
-    ref_pair = task.metric_inputs(out, y)
-    assert all(torch.equal(a, b) for a, b in zip(pair, ref_pair)) and pair[0].shape[0] == 6
-    # nothing labelled: 0 with a graph, no metric update
+    # the whole batch with its mask gives the metrics of the labelled rows alone
+    masked, labelled = task.make_metrics(), task.make_metrics()
+    masked.update(*update)
+    labelled.update(*task.metric_inputs(out, y))
+    assert int(count) == 6 and update[0].shape[0] == 8
+    a, b = masked.compute(), labelled.compute()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].double(), b[k].double()) for k in a)
+    # nothing labelled: 0 with a graph, a count of 0, and the update adds nothing
     none = torch.full_like(y, task.ignore_index if kind == "multiclass" else float("nan"))
-    loss, pair = task.loss_and_metric_inputs(out, none)
-    assert loss.item() == 0.0 and loss.requires_grad and pair is None
+    loss, update, count = task.loss_and_metric_inputs(out, none)
+    assert loss.item() == 0.0 and loss.requires_grad and int(count) == 0
+    masked.update(*update)
+    assert all(torch.equal(masked.compute()[k], a[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------ host syncs
+class _CountSyncs(pl.Callback):
+    """Counts syncing operations inside every training and validation batch (step, backward,
+    optimizer step, metric updates), not in the epoch-end logging, where one read is expected."""
+
+    def __init__(self):
+        from mtl.syncs import HostSyncCounter
+
+        self.counter = HostSyncCounter()
+        self.batches = 0
+
+    def _start(self, *args):
+        self.counter.__enter__()
+        self.batches += 1
+
+    def _end(self, *args):
+        self.counter.__exit__(None, None, None)
+
+    on_train_batch_start = on_validation_batch_start = _start
+    on_train_batch_end = on_validation_batch_end = _end
+
+
+def _csv_with_every_vector_kind(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lines = ["f1,f2,colour,churn,price,tags_a"]
+    for i in range(96):
+        f1, f2 = torch.randn(2, generator=g).tolist()
+        colour = "" if i % 7 == 0 else ["red", "green", "blue"][i % 3]  # some rows unlabelled
+        churn = "" if i % 5 == 0 else ("yes" if f1 > 0 else "no")
+        price = "" if i % 4 == 0 else f"{100 + 10 * f2:.3f}"
+        lines.append(f"{f1:.4f},{f2:.4f},{colour},{churn},{price},{i % 2}")
+    path = tmp_path / "kinds.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("balancer", [None, "UW"])
+def test_training_and_validation_steps_make_no_host_sync(tmp_path, balancer):
+    from mtl.balancing import weightings
+    from mtl.data.csv import CSVDataModule
+
+    dm = CSVDataModule(path=str(_csv_with_every_vector_kind(tmp_path)), batch_size=16, tasks={
+        "colour": {"kind": "multiclass"}, "churn": {"kind": "binary"}, "price": {"kind": "regression"},
+        "tags_a": {"kind": "binary"}})
+    dm.setup()
+    model = MultiTaskModel(MLP(input_shape=dm.input_shape, hidden=[8]), list(dm.tasks.values()))
+    module = MultiTaskModule(model, balancer=getattr(weightings, balancer)(num_tasks=4) if balancer else None)
+    counter = _CountSyncs()
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[counter])
+    trainer.fit(module, datamodule=dm)
+    assert counter.batches == 8  # 3 training and 1 validation batch per epoch
+    assert counter.counter.total == 0, dict(counter.counter.where)
+    # the epoch-end values are still those of the labelled rows
+    assert 0.0 <= float(trainer.callback_metrics["val/churn/acc"]) <= 1.0
+    assert float(trainer.callback_metrics["train/price/mae"]) > 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtl.tasks import Task, tasks_from_config
+from mtl.tasks import KIND_METRICS, Task, tasks_from_config
 
 
 def test_multiclass_loss_ignores_missing_labels():
@@ -46,9 +46,16 @@ def test_kinds_sizes_and_metrics():
     assert Task("b", kind="binary").output_size == 1
     assert Task("c", kind="multilabel", num_classes=5).output_size == 5
     assert Task("d", kind="regression", out_features=3).output_size == 3
-    assert set(Task("a", num_classes=4).make_metrics().keys()) == {"acc", "f1"}
-    assert set(Task("b", kind="binary").make_metrics().keys()) == {"acc", "auroc"}
-    assert set(Task("d", kind="regression").make_metrics().keys()) == {"mae", "rmse"}
+    def computed(task, out, y):
+        metrics = task.make_metrics()
+        metrics.update(*task.metric_inputs(out, y))
+        return set(metrics.compute())
+
+    assert computed(Task("a", num_classes=4), torch.randn(3, 4), torch.tensor([0, 3, 1])) == {"acc", "f1"}
+    assert computed(Task("b", kind="binary"), torch.randn(2, 1), torch.tensor([0.0, 1.0])) == {"acc", "auroc"}
+    assert computed(Task("d", kind="regression"), torch.randn(2, 1), torch.tensor([0.0, 1.0])) == {"mae", "rmse"}
+    for kind, n in (("multiclass", 4), ("binary", None), ("multilabel", 3), ("regression", None)):
+        assert set(Task("x", kind=kind, num_classes=n).metric_directions) - {"loss"} == set(KIND_METRICS[kind])
     assert Task("a", num_classes=4).metric_directions == {"acc": True, "f1": True, "loss": False}
     assert Task("d", kind="regression").metric_directions == {"mae": False, "rmse": False, "loss": False}
 
