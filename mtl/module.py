@@ -190,25 +190,34 @@ class MultiTaskModule(pl.LightningModule):
         every forward pass is appended to it (with the distillation tasks' outputs too).
         """
         losses: dict[str, Tensor] = {}
-        check = split is not None and self._check_batches()
-        for x, ys in self._groups(batch):
+        groups = self._groups(batch)
+        if split is not None and self._check_batches():
+            self._check_labels(groups)
+        for x, ys in groups:
             names = list(ys) + ([t for t in self.distill_tasks if t not in ys] if records is not None else [])
             outputs, rep = self.model.forward_with_representation(x, names)
             if records is not None:
                 records.append(ForwardRecord(x, outputs, rep))
             for t, y in ys.items():
                 task = self.tasks[t]
-                if check:
-                    task.check_targets(y)
                 losses[t], update, count = task.loss_and_metric_inputs(outputs[t], y, metrics=split is not None)
                 if update is not None:
                     self.metrics[f"{split}_metrics"][t].update(*update)
                     self.metrics[f"{split}_loss"][t].update(losses[t].detach(), count)
         return losses
 
+    def _check_labels(self, groups: list[tuple[Tensor, dict[str, Tensor]]]) -> None:
+        """Raise, naming the task and the label, if a batch holds a label out of range; one host
+        read for every task of the batch."""
+        checks = [(self.tasks[t], y) for _, ys in groups for t, y in ys.items()]
+        if checks and bool(torch.stack([task.invalid_targets(y) for task, y in checks]).any()):
+            for task, y in checks:
+                task.check_targets(y)
+
     def _check_batches(self) -> bool:
         """Whether to check each batch's labels: not when the trainer's DataModule checked every
-        split at setup (this package's in-memory ones do), so the step makes no host syncs for it."""
+        split at setup (this package's in-memory ones do), so the step makes no host syncs for it.
+        Otherwise one host read per step covers every task."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return not getattr(datamodule, "targets_checked", False)
 

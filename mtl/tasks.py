@@ -546,6 +546,24 @@ class Task:
         target = target.reshape(target.shape[0], -1)
         return ~torch.isnan(target).any(dim=1)
 
+    def invalid_targets(self, target: Tensor) -> Tensor:
+        """A 0-dim bool tensor, True when some label is out of range for this task: what
+        :meth:`check_targets` raises for, computed without a host sync (a step checking several
+        tasks reads all their flags at once). A target of the wrong shape raises at once."""
+        if self.kind == "custom":
+            return torch.zeros((), dtype=torch.bool, device=target.device)
+        if self.kind in DENSE_KINDS:
+            self._check_dense_shape(target)
+            if self.kind == "segmentation":
+                return ((target != self.ignore_index) & ((target < 0) | (target >= self.num_classes))).any()
+            return torch.isinf(target).any()
+        if self.kind == "multiclass":
+            return ((target != self.ignore_index) & ((target < 0) | (target >= self.num_classes))).any()
+        rows = self.label_mask(target).reshape(-1, *([1] * (target.dim() - 1)))
+        if self.kind in ("binary", "multilabel"):
+            return (rows & (target != 0) & (target != 1)).any()
+        return (rows & ~torch.isfinite(target)).any()
+
     def check_targets(self, target: Tensor) -> None:
         """Raise a clear error if labels are out of range for this task (missing labels allowed)."""
         if self.kind == "custom":
@@ -578,6 +596,10 @@ class Task:
             raise ValueError(f"Task '{self.name}': regression labels must be finite or NaN.")
 
     def _check_dense_targets(self, target: Tensor) -> None:
+        self._check_dense_shape(target)
+        self._check_dense_values(target)
+
+    def _check_dense_shape(self, target: Tensor) -> None:
         shapes = {"segmentation": "[B, H, W]", "depth": "[B, 1, H, W] or [B, H, W]", "normal": "[B, 3, H, W]"}
         ok = {
             "segmentation": target.dim() == 3,
@@ -589,6 +611,8 @@ class Task:
                 f"Task '{self.name}' ({self.kind}): targets must be {shapes[self.kind]}, got shape "
                 f"{tuple(target.shape)}."
             )
+
+    def _check_dense_values(self, target: Tensor) -> None:
         if self.kind == "segmentation":
             y = target[target != self.ignore_index]
             bad = (y < 0) | (y >= self.num_classes)

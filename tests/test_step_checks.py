@@ -148,3 +148,44 @@ def test_training_and_validation_steps_make_no_host_sync(tmp_path, balancer):
     # the epoch-end values are still those of the labelled rows
     assert 0.0 <= float(trainer.callback_metrics["val/churn/acc"]) <= 1.0
     assert float(trainer.callback_metrics["train/price/mae"]) > 0
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "binary", "multilabel", "regression", "segmentation", "depth", "normal"])
+def test_the_sync_free_flag_agrees_with_check_targets(kind):
+    task = Task("t", kind=kind, num_classes=3 if kind in ("multiclass", "multilabel", "segmentation") else None)
+    good = {
+        "multiclass": torch.tensor([0, 2, -100]), "binary": torch.tensor([0.0, 1.0, float("nan")]),
+        "multilabel": torch.tensor([[0.0, 1.0, 1.0], [float("nan"), 5.0, 0.0]]),  # a row with NaN is unlabelled
+        "regression": torch.tensor([1.0, float("nan")]), "segmentation": torch.tensor([[[0, 2], [-1, 1]]]),
+        "depth": torch.tensor([[[0.0, 2.0]]]), "normal": torch.zeros(1, 3, 1, 2),
+    }[kind]
+    bad = {
+        "multiclass": torch.tensor([0, 3]), "binary": torch.tensor([0.0, 2.0]),
+        "multilabel": torch.tensor([[0.0, 1.0, 2.0]]), "regression": torch.tensor([1.0, float("inf")]),
+        "segmentation": torch.tensor([[[0, 3]]]), "depth": torch.tensor([[[float("inf"), 1.0]]]),
+        "normal": torch.full((1, 3, 1, 1), float("inf")),
+    }[kind]
+    assert not bool(task.invalid_targets(good))
+    task.check_targets(good)
+    assert bool(task.invalid_targets(bad))
+    with pytest.raises(ValueError, match="Task 't'"):
+        task.check_targets(bad)
+
+
+def test_a_plain_dataloader_step_checks_every_label_with_one_host_read():
+    from mtl.data import SyntheticDataModule
+    from mtl.syncs import HostSyncCounter
+
+    dm = SyntheticDataModule(n_train=64, n_val=32, n_test=32, dim=4, batch_size=16, num_tasks=3)
+    dm.setup()
+    model = MultiTaskModel(MLP(input_shape=dm.input_shape, hidden=[8]), list(dm.tasks.values()))
+    module = MultiTaskModule(model)
+    batch = next(iter(dm.train_dataloader()))
+    with HostSyncCounter() as syncs:
+        module.task_losses(batch, "train")  # no trainer, no DataModule: the labels are checked here
+    assert syncs.total == 1, dict(syncs.where)
+    x, ys = batch
+    ys = dict(ys, t1=ys["t1"].clone())
+    ys["t1"][0] = float("inf")
+    with pytest.raises(ValueError, match="Task 't1'"):
+        module.task_losses((x, ys), "train")
