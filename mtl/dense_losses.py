@@ -2,7 +2,8 @@
 
 Plain functions of tensors. Each averages over the labelled pixels of the batch (every labelled
 pixel weighs the same, whichever image it is in), and returns ``0`` with a graph when the batch has
-no labelled pixel, so a balancer still sees a differentiable loss for every task.
+no labelled pixel, so a balancer still sees a differentiable loss for every task. Each is a masked
+sum over a count, so none makes the host wait for the device.
 
 Unlabelled pixels follow the conventions of the NYUv2 / Cityscapes data used by MTAN and LibMTL:
 segmentation label ``ignore_index`` (-1), depth 0 (NaN is accepted too), normal the zero vector.
@@ -11,14 +12,11 @@ The metrics in :mod:`mtl.metrics.dense` use the same masks.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mtl.metrics.dense import as_depth_map, check_normal_shapes, depth_label_mask, normal_label_mask
-
-
-def _zero_with_graph(pred: Tensor) -> Tensor:
-    return pred.sum() * 0.0
 
 
 def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int = -1) -> Tensor:
@@ -37,9 +35,9 @@ def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int = -1) ->
             f"{tuple(logits.shape)} and {tuple(target.shape)}."
         )
     target = target.long()
-    if not bool((target != ignore_index).any()):
-        return _zero_with_graph(logits)
-    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    count = (target != ignore_index).sum()
+    # a sum over the labelled pixels over their count: no host sync, and 0 with a graph when none is
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / count.clamp_min(1)
 
 
 def depth_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -58,10 +56,9 @@ def depth_loss(pred: Tensor, target: Tensor) -> Tensor:
             "different pixels."
         )
     mask = depth_label_mask(t)
-    if not bool(mask.any()):
-        return _zero_with_graph(pred)
-    # index before subtracting: a NaN target would otherwise reach the gradient through |p - t|
-    return (p[mask] - t[mask].to(p.dtype)).abs().mean()
+    # unlabelled targets replaced before subtracting: a NaN would otherwise reach the gradient
+    clean = torch.where(mask, t, 0.0).to(p.dtype)
+    return torch.where(mask, (p - clean).abs(), 0.0).sum() / mask.sum().clamp_min(1)
 
 
 def normal_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -80,11 +77,9 @@ def normal_loss(pred: Tensor, target: Tensor) -> Tensor:
     """
     check_normal_shapes(pred, target)
     mask = normal_label_mask(target)
-    if not bool(mask.any()):
-        return _zero_with_graph(pred)
-    p = F.normalize(pred, dim=1).movedim(1, -1)[mask]  # [N, 3]
-    t = F.normalize(target.to(pred.dtype), dim=1).movedim(1, -1)[mask]
-    return 1.0 - (p * t).sum(dim=-1).mean()
+    clean = torch.where(mask[:, None], target, 0.0).to(pred.dtype)
+    cos = (F.normalize(pred, dim=1) * F.normalize(clean, dim=1)).sum(dim=1)  # [B, H, W]
+    return torch.where(mask, 1.0 - cos, 0.0).sum() / mask.sum().clamp_min(1)
 
 
 __all__ = ["depth_loss", "normal_loss", "segmentation_loss"]

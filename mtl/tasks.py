@@ -698,6 +698,10 @@ class Task:
         weight in the epoch's mean. For the built-in vector kinds nothing here waits for the
         device: ``update`` is the whole batch with its label mask and ``count`` a tensor.
         """
+        if self.kind in DENSE_KINDS and self.loss.is_default and self.metrics.is_default:
+            # the built-in dense losses and metrics mask their unlabelled pixels themselves
+            loss = self.loss(output, target)
+            return loss, ((output.detach(), target) if metrics else None), self.label_mask(target).sum()
         if self.kind in DENSE_KINDS or self.kind == "custom" or not (self.loss.is_default and self.metrics.is_default):
             loss = self.loss(output, target)
             if not metrics:
@@ -818,7 +822,7 @@ class Task:
         elif self.kind == "regression":
             metrics = {"errors": RegressionErrors()}
         elif self.kind == "segmentation":
-            metrics = {"segmentation": SegmentationMetrics(self.num_classes, self.ignore_index)}
+            metrics = {"segmentation": SegmentationMetrics(self.num_classes, self.ignore_index, validate=False)}
         elif self.kind == "depth":
             metrics = {"depth": DepthErrors()}
         else:

@@ -189,3 +189,53 @@ def test_a_plain_dataloader_step_checks_every_label_with_one_host_read():
     ys["t1"][0] = float("inf")
     with pytest.raises(ValueError, match="Task 't1'"):
         module.task_losses((x, ys), "train")
+
+
+def test_dense_training_and_validation_steps_make_no_host_sync():
+    from mtl.backbones import CNN
+    from mtl.data import ScenesDataModule
+
+    dm = ScenesDataModule(n_train=16, n_val=8, n_test=8, size=16, batch_size=8, seed=0)
+    dm.setup()
+    model = MultiTaskModel(CNN(input_shape=dm.input_shape, channels=[8], max_pools=1), list(dm.tasks.values()))
+    counter = _CountSyncs()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[counter])
+    trainer.fit(MultiTaskModule(model), datamodule=dm)
+    assert counter.batches == 3 and len(dm.tasks) == 3
+    assert counter.counter.total == 0, dict(counter.counter.where)
+    assert 0.0 <= float(trainer.callback_metrics["val/segmentation/miou"]) <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "depth", "normal"])
+def test_masked_dense_losses_equal_the_indexed_definition(kind):
+    from mtl.dense_losses import depth_loss, normal_loss, segmentation_loss
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "segmentation":
+        out = torch.randn(2, 4, 5, 5, generator=g, requires_grad=True)
+        y = torch.randint(-1, 4, (2, 5, 5), generator=g)
+        loss, m = segmentation_loss(out, y), y != -1
+        ref = F.cross_entropy(out.movedim(1, -1)[m], y[m])
+    elif kind == "depth":
+        out = torch.rand(2, 1, 5, 5, generator=g, requires_grad=True)
+        y = torch.rand(2, 1, 5, 5, generator=g)
+        y[0, 0, :2] = 0.0
+        y[1, 0, 1] = float("nan")
+        loss, m = depth_loss(out, y), torch.isfinite(y) & (y != 0)
+        ref = (out[m] - y[m]).abs().mean()
+    else:
+        out = torch.randn(2, 3, 5, 5, generator=g, requires_grad=True)
+        y = torch.randn(2, 3, 5, 5, generator=g)
+        y[:, :, :2] = 0.0
+        loss, m = normal_loss(out, y), (y != 0).any(dim=1)
+        p, t = F.normalize(out, dim=1).movedim(1, -1)[m], F.normalize(y, dim=1).movedim(1, -1)[m]
+        ref = 1.0 - (p * t).sum(-1).mean()
+    assert torch.allclose(loss, ref, atol=1e-6)
+    grad, = torch.autograd.grad(loss, out)
+    grad_ref, = torch.autograd.grad(ref, out)
+    assert torch.allclose(grad, grad_ref, atol=1e-7) and torch.isfinite(grad).all()
+    empty = torch.full_like(y, -1) if kind == "segmentation" else torch.zeros_like(y)
+    none = {"segmentation": segmentation_loss, "depth": depth_loss, "normal": normal_loss}[kind](out, empty)
+    assert none.item() == 0.0 and none.requires_grad

@@ -126,18 +126,21 @@ class SegmentationMetrics(Metric):
     Args:
         num_classes: number of classes ``C``.
         ignore_index: target value of unlabelled pixels.
+        validate: check that labels are in range (a host sync per update; a task's metrics skip
+            it, the task checks its labels itself). Without it the update makes no host sync.
     """
 
     is_differentiable = False
     higher_is_better = None  # a dict of metrics: see DENSE_METRIC_DIRECTIONS
     full_state_update = False
 
-    def __init__(self, num_classes: int, ignore_index: int = -1, **kwargs) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = -1, validate: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         if int(num_classes) < 2:
             raise ValueError(f"SegmentationMetrics needs num_classes >= 2, got {num_classes}.")
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
+        self.validate = bool(validate)
         c = self.num_classes
         self.add_state("confmat", torch.zeros(c, c, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -173,22 +176,24 @@ class SegmentationMetrics(Metric):
             )
         target = target.long()
         mask = target != self.ignore_index
-        t, p = target[mask], labels[mask]
         c = self.num_classes
-        bad = (t < 0) | (t >= c)
-        if bool(bad.any()):
-            raise ValueError(
-                f"SegmentationMetrics: target label {t[bad][0].item()} is outside [0, {c}) and is "
-                f"not ignore_index={self.ignore_index}. Check num_classes and the ignore value."
-            )
-        if preds.dim() == 3:  # an arg-max over C channels is always in range
-            bad = (p < 0) | (p >= c)
+        if self.validate:  # reads values back (a host sync); mtl's tasks check their labels before
+            t, p = target[mask], labels[mask]
+            bad = (t < 0) | (t >= c)
             if bool(bad.any()):
                 raise ValueError(
-                    f"SegmentationMetrics: predicted label {p[bad][0].item()} is outside [0, {c})."
+                    f"SegmentationMetrics: target label {t[bad][0].item()} is outside [0, {c}) and is "
+                    f"not ignore_index={self.ignore_index}. Check num_classes and the ignore value."
                 )
-        # bincount without weights is deterministic on CUDA
-        self.confmat += torch.bincount(t * c + p, minlength=c * c).reshape(c, c)
+            if preds.dim() == 3:  # an arg-max over C channels is always in range
+                bad = (p < 0) | (p >= c)
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"SegmentationMetrics: predicted label {p[bad][0].item()} is outside [0, {c})."
+                    )
+        # labelled pixels add 1 to their cell, the others 0: integer sums, exact in any order
+        index = torch.where(mask, target * c + labels.long(), 0).reshape(-1)
+        self.confmat.view(-1).scatter_add_(0, index, mask.reshape(-1).long())
 
     def compute(self) -> dict[str, Tensor]:
         """``{"miou", "pix_acc"}`` as float64 scalars (NaN before any labelled pixel)."""
@@ -248,8 +253,8 @@ class DepthErrors(Metric):
                 "cover different pixels."
             )
         mask = depth_label_mask(t)
-        p, t = p[mask].double(), t[mask].double()
-        err = (p - t).abs()
+        t = torch.where(mask, t, 1.0).double()  # unlabelled pixels: any finite non-zero value
+        err = torch.where(mask, (p.double() - t).abs(), 0.0)
         self.abs_sum += err.sum()
         self.rel_sum += (err / t.abs()).sum()
         self.count += mask.sum()
@@ -325,16 +330,17 @@ class NormalErrors(Metric):
             preds, target = preds.t().reshape(1, 3, -1, 1), target.t().reshape(1, 3, -1, 1)
         check_normal_shapes(preds, target)
         mask = normal_label_mask(target)
-        angle = angular_error(preds, target)[mask]
+        angle = angular_error(preds, target)
         finite = torch.isfinite(angle)
-        self.nonfinite += (~finite).sum()
-        angle = angle[finite]
-        self.count += angle.numel()
+        self.nonfinite += (mask & ~finite).sum()
+        ok = mask & finite
+        angle = torch.where(ok, angle, 0.0)
+        self.count += ok.sum()
         self.angle_sum += angle.sum()
         for k, threshold in enumerate(self._thresholds):
-            self.within[k] += (angle < threshold).sum()
-        index = (angle * (self.bins / 180.0)).long().clamp_(0, self.bins - 1)
-        self.hist += torch.bincount(index, minlength=self.bins)
+            self.within[k] += ((angle < threshold) & ok).sum()
+        index = (angle * (self.bins / 180.0)).long().clamp_(0, self.bins - 1).reshape(-1)
+        self.hist.scatter_add_(0, index, ok.reshape(-1).long())  # integer counts: exact in any order
 
     def _median(self) -> Tensor:
         n = int(self.count)
