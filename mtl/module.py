@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
-import torchmetrics
 from torch import Tensor, nn
 
 from mtl.balancing.aggregators.base import GradientAggregator

@@ -554,11 +554,10 @@ class Task:
             return torch.zeros((), dtype=torch.bool, device=target.device)
         if self.kind in DENSE_KINDS:
             self._check_dense_shape(target)
-            if self.kind == "segmentation":
-                return ((target != self.ignore_index) & ((target < 0) | (target >= self.num_classes))).any()
-            return torch.isinf(target).any()
-        if self.kind == "multiclass":
+        if self.kind in ("multiclass", "segmentation"):
             return ((target != self.ignore_index) & ((target < 0) | (target >= self.num_classes))).any()
+        if self.kind in DENSE_KINDS:
+            return torch.isinf(target).any()
         rows = self.label_mask(target).reshape(-1, *([1] * (target.dim() - 1)))
         if self.kind in ("binary", "multilabel"):
             return (rows & (target != 0) & (target != 1)).any()
